@@ -1,0 +1,87 @@
+//! A minimal HTTP/1.0 endpoint for operators and probes: `/metrics` (Prometheus text format),
+//! `/status` (nodes and pools) and `/health`. It reads snapshots only, never a pooled backend,
+//! so it answers even when every pool is exhausted.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::app::App;
+
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/status` and `/health` (and `/metrics` too, for convenience).
+    Admin,
+    /// `/metrics` only.
+    Metrics,
+}
+
+/// Serves HTTP requests until shutdown.
+pub async fn serve(app: Arc<App>, listener: TcpListener, endpoint: Endpoint) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((sock, _)) => {
+                    let app = Arc::clone(&app);
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(Duration::from_secs(10), handle(&app, sock, endpoint)).await;
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = app.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn handle(app: &App, mut sock: TcpStream, endpoint: Endpoint) -> std::io::Result<()> {
+    let mut req = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        req.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&req);
+    let path = line.split_whitespace().nth(1).unwrap_or("/");
+    let (status, ctype, body) = match (endpoint, path) {
+        (_, "/metrics") => ("200 OK", "text/plain; version=0.0.4", app.metrics.render()),
+        (Endpoint::Admin, "/status") => ("200 OK", "text/plain", status_text(app).into_bytes()),
+        (Endpoint::Admin, "/health") => {
+            if app.cluster.load().primary.is_some() {
+                ("200 OK", "text/plain", b"ok\n".to_vec())
+            } else {
+                ("503 Service Unavailable", "text/plain", b"no primary\n".to_vec())
+            }
+        }
+        _ => ("404 Not Found", "text/plain", b"not found\n".to_vec()),
+    };
+    let head = format!("HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    sock.write_all(head.as_bytes()).await?;
+    sock.write_all(&body).await?;
+    sock.shutdown().await
+}
+
+/// Human-readable state: nodes, then pools.
+pub fn status_text(app: &App) -> String {
+    let cluster = app.cluster.load();
+    let mut out = String::new();
+    let _ = writeln!(out, "epoch\t{}", cluster.epoch);
+    let _ = writeln!(out, "clients\t{}", app.client_count());
+    let _ = writeln!(out, "\nnode\tname\taddress\tstatus");
+    let _ = write!(out, "{cluster}");
+    let _ = writeln!(out, "\nuser\tdatabase\tin_use\tidle");
+    for pool in app.pools.all() {
+        let _ = writeln!(out, "{}\t{}\t{}\t{}", pool.key.user, pool.key.database, pool.in_use(), pool.idle_count());
+    }
+    out
+}

@@ -1,0 +1,163 @@
+//! The state one running proxy shares between its tasks. Passed around as `Arc<App>`; there is
+//! no global state, so tests can run several proxies in one process.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{UserList, UserListError};
+use crate::cancel::CancelRegistry;
+use crate::cluster::ClusterState;
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::pool::Pools;
+
+/// Shared state of one proxy.
+pub struct App {
+    /// Current configuration; replaced whole on reload.
+    pub config: ArcSwap<Config>,
+    /// File the configuration came from, for reloads.
+    pub config_path: Option<PathBuf>,
+    /// Current users file.
+    pub users: ArcSwap<UserList>,
+    /// Current view of the cluster.
+    pub cluster: ArcSwap<ClusterState>,
+    /// Notified with the epoch whenever the cluster view changes.
+    pub cluster_changed: watch::Sender<u64>,
+    /// Backend connection pools.
+    pub pools: Pools,
+    /// Cancel keys of connected clients.
+    pub cancels: Arc<CancelRegistry>,
+    /// Metrics registry.
+    pub metrics: Metrics,
+    /// Cancelled when the proxy shuts down.
+    pub shutdown: CancellationToken,
+    clients: AtomicUsize,
+    next_client_id: AtomicU64,
+}
+
+/// Why a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// No file to reload from.
+    #[error("the proxy was not started from a config file")]
+    NoFile,
+    /// The new file is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The new users file is invalid.
+    #[error(transparent)]
+    Users(#[from] UserListError),
+    /// A setting that needs a restart changed.
+    #[error("changing {0} requires a restart")]
+    NeedsRestart(String),
+}
+
+impl App {
+    /// Builds the state for a validated config, loading its users file.
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<App>, UserListError> {
+        let users = load_users(&config)?;
+        let cluster = ClusterState::new(&config.backends);
+        let (cluster_changed, _) = watch::channel(0);
+        Ok(Arc::new(App {
+            config: ArcSwap::from_pointee(config),
+            config_path,
+            users: ArcSwap::from_pointee(users),
+            cluster: ArcSwap::from_pointee(cluster),
+            cluster_changed,
+            pools: Pools::default(),
+            cancels: Arc::new(CancelRegistry::default()),
+            metrics: Metrics::new(),
+            shutdown: CancellationToken::new(),
+            clients: AtomicUsize::new(0),
+            next_client_id: AtomicU64::new(1),
+        }))
+    }
+
+    /// Publishes a new cluster view.
+    pub fn set_cluster(&self, state: ClusterState) {
+        let epoch = state.epoch;
+        self.metrics.set_cluster(&state);
+        self.cluster.store(Arc::new(state));
+        self.cluster_changed.send_replace(epoch);
+    }
+
+    /// The primary's node id, address and epoch, waiting until `deadline` for one to be known.
+    pub async fn wait_for_primary(&self, deadline: tokio::time::Instant) -> Option<(usize, String, u64)> {
+        let mut changes = self.cluster_changed.subscribe();
+        loop {
+            {
+                let state = self.cluster.load();
+                if let Some((node, addr)) = state.primary_addr() {
+                    return Some((node, addr.to_owned(), state.epoch));
+                }
+            }
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return None },
+                _ = tokio::time::sleep_until(deadline) => return None,
+                _ = self.shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    /// Takes a client slot if `max_client_connections` allows; the guard gives it back.
+    pub fn admit_client(self: &Arc<Self>) -> Option<ClientSlot> {
+        let max = self.config.load().pool.max_client_connections;
+        let prev = self.clients.fetch_add(1, Ordering::AcqRel);
+        if prev >= max {
+            self.clients.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        self.metrics.clients.inc();
+        Some(ClientSlot { app: Arc::clone(self), id: self.next_client_id.fetch_add(1, Ordering::Relaxed) })
+    }
+
+    /// Client connections open now.
+    pub fn client_count(&self) -> usize {
+        self.clients.load(Ordering::Acquire)
+    }
+
+    /// Re-reads the config file (and users file) and swaps them in if valid; the old ones stay
+    /// in force otherwise.
+    pub fn reload(&self) -> Result<(), ReloadError> {
+        let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
+        let next = Config::load(path)?;
+        let current = self.config.load();
+        let changed = current.restart_required_changes(&next);
+        if !changed.is_empty() {
+            return Err(ReloadError::NeedsRestart(changed.join(", ")));
+        }
+        let users = load_users(&next)?;
+        for pool in self.pools.all() {
+            pool.resize(next.pool.pool_size);
+        }
+        self.users.store(Arc::new(users));
+        self.config.store(Arc::new(next));
+        Ok(())
+    }
+}
+
+fn load_users(config: &Config) -> Result<UserList, UserListError> {
+    match &config.auth.file {
+        Some(path) => UserList::load(path),
+        None => Ok(UserList::default()),
+    }
+}
+
+/// A client's place under `max_client_connections`; released on drop.
+pub struct ClientSlot {
+    app: Arc<App>,
+    /// Connection id used in logs.
+    pub id: u64,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.app.clients.fetch_sub(1, Ordering::AcqRel);
+        self.app.metrics.clients.dec();
+    }
+}

@@ -1,0 +1,176 @@
+//! Command-line interface: `run`, `check-config`, `demo` and `passwd`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::server::Proxy;
+
+/// pglifeguard: a PostgreSQL proxy for streaming-replication clusters.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// Log filter (tracing EnvFilter syntax), overridden by RUST_LOG.
+    #[arg(long, global = true, default_value = "info")]
+    pub log: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy against an existing cluster.
+    Run {
+        /// YAML config file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a config file; exits non-zero with the reason when it is invalid.
+    CheckConfig {
+        /// YAML config file.
+        file: PathBuf,
+    },
+    /// Start a local primary and two streaming standbys plus the proxy, for trying it out.
+    Demo {
+        /// Port for the proxy on 127.0.0.1 (0 picks a free one).
+        #[arg(long, default_value_t = 6432)]
+        port: u16,
+        /// Number of standbys.
+        #[arg(long, default_value_t = 2)]
+        standbys: usize,
+    },
+    /// Print an auth-file line for a user: a SCRAM-SHA-256 verifier (or md5 hash).
+    Passwd {
+        /// User name.
+        user: String,
+        /// Password (read from stdin when omitted).
+        password: Option<String>,
+        /// Print an md5 hash instead of a SCRAM verifier.
+        #[arg(long)]
+        md5: bool,
+    },
+}
+
+/// Entry point used by `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    match cli.command {
+        Command::Run { config } => run(config),
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Demo { port, standbys } => crate::demo::run(port, standbys),
+        Command::Passwd { user, password, md5 } => passwd(&user, password, md5),
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(default))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match Config::load(file).map_err(|e| e.to_string()).and_then(|c| {
+        match &c.auth.file {
+            Some(f) => crate::auth::UserList::load(f).map(|u| (c.backends.len(), u.len())).map_err(|e| e.to_string()),
+            None => Ok((c.backends.len(), 0)),
+        }
+    }) {
+        Ok((backends, users)) => {
+            println!("{}: ok ({backends} backends, {users} users)", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", file.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Builds the runtime the proxy runs on.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("pglifeguard").build()
+}
+
+fn run(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let proxy = match Proxy::start(config, Some(path)).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        serve_until_signal(proxy).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Serves until SIGINT/SIGTERM, reloading the config on SIGHUP.
+pub async fn serve_until_signal(proxy: Proxy) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut hup, mut term, mut int) = match (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(h), Ok(t), Ok(i)) => (h, t, i),
+        _ => {
+            tracing::error!("cannot install signal handlers");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match proxy.app.reload() {
+                Ok(()) => tracing::info!("configuration reloaded"),
+                Err(e) => tracing::error!(error = %e, "reload refused; keeping the current configuration"),
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("shutting down");
+    proxy.shutdown(Duration::from_secs(10)).await;
+}
+
+fn passwd(user: &str, password: Option<String>, md5: bool) -> ExitCode {
+    let password = match password {
+        Some(p) => p,
+        None => {
+            let mut line = String::new();
+            if std::io::stdin().read_line(&mut line).is_err() {
+                eprintln!("cannot read the password from stdin");
+                return ExitCode::FAILURE;
+            }
+            line.trim_end_matches(['\n', '\r']).to_owned()
+        }
+    };
+    let secret = if md5 {
+        crate::auth::md5_user_hash(&password, user)
+    } else {
+        postgres_protocol::password::scram_sha_256(password.as_bytes())
+    };
+    println!("\"{}\" \"{}\"", user.replace('"', "\"\""), secret);
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,296 @@
+//! One client session, start to end, in one task:
+//! startup packet → authentication → welcome → (first request) backend checkout → relay →
+//! backend cleanup and return to its pool.
+//!
+//! A backend is assigned lazily: when the pool already knows what ParameterStatus values a
+//! client with these startup parameters sees, the client is welcomed at once and gets a backend
+//! only when it sends its first request. Idle clients therefore hold no backend and almost no
+//! memory.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use crate::app::App;
+use crate::auth;
+use crate::cancel::{CancelKey, CancelTarget};
+use crate::pool::{Lease, Leftover, PoolError, PoolKey};
+use crate::protocol::{self, sqlstate, Severity};
+use crate::relay::{self, RelayEnd, RelayError, Tracker};
+use crate::startup::{self, FirstPacket, StartupParams};
+
+/// Serves one accepted client connection until it ends. Never panics on client input.
+pub async fn serve(app: Arc<App>, mut sock: TcpStream, peer: SocketAddr) {
+    crate::net::tune_client(&sock);
+    let Some(slot) = app.admit_client() else {
+        app.metrics.error("too_many_clients");
+        tracing::warn!(%peer, "refusing client: max_client_connections reached");
+        reject(&mut sock, sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already").await;
+        return;
+    };
+    let span = tracing::info_span!("client", id = slot.id, %peer);
+    session(&app, sock).instrument(span).await;
+    drop(slot);
+}
+
+async fn reject(sock: &mut TcpStream, code: &str, message: &str) {
+    let mut buf = BytesMut::new();
+    protocol::put_error(&mut buf, Severity::Fatal, code, message);
+    let _ = sock.write_all(&buf).await;
+}
+
+/// Result of the login phase.
+enum Login {
+    Session(StartupParams),
+    Done,
+}
+
+async fn session(app: &Arc<App>, mut sock: TcpStream) {
+    let login_timeout = app.config.load().pool.client_login_timeout;
+    let login = match tokio::time::timeout(login_timeout, login(app, &mut sock)).await {
+        Ok(l) => l,
+        Err(_) => {
+            app.metrics.error("login_timeout");
+            tracing::info!(?login_timeout, "client did not finish startup in time");
+            reject(&mut sock, sqlstate::PROTOCOL_VIOLATION, "startup and authentication timed out").await;
+            return;
+        }
+    };
+    let Login::Session(params) = login else { return };
+    tracing::debug!(user = params.user, database = params.database, "client authenticated");
+    let key = app.cancels.issue();
+    if let Err(e) = run_session(app, &mut sock, &params, &key).await {
+        tracing::info!(error = %e, "session ended with an error");
+    }
+}
+
+async fn login(app: &App, sock: &mut TcpStream) -> Login {
+    let first = match startup::read_first_packet(sock).await {
+        Ok(p) => p,
+        Err(startup::StartupError::Io(e)) => {
+            tracing::debug!(error = %e, "client left during startup");
+            return Login::Done;
+        }
+        Err(e) => {
+            app.metrics.error("bad_startup");
+            tracing::warn!(error = %e, "invalid startup packet");
+            let code = match e {
+                startup::StartupError::UnsupportedProtocol { .. } => sqlstate::FEATURE_NOT_SUPPORTED,
+                _ => sqlstate::PROTOCOL_VIOLATION,
+            };
+            reject(sock, code, &e.to_string()).await;
+            return Login::Done;
+        }
+    };
+    let params = match first {
+        FirstPacket::Cancel { pid, secret } => {
+            forward_cancel(app, pid, secret).await;
+            return Login::Done;
+        }
+        FirstPacket::Startup(p) => p,
+    };
+    if params.options.contains_key("replication") {
+        reject(sock, sqlstate::FEATURE_NOT_SUPPORTED, "replication connections are not supported by the proxy").await;
+        return Login::Done;
+    }
+    if params.minor_version > 0 || !params.protocol_options.is_empty() {
+        let mut buf = BytesMut::new();
+        protocol::put_negotiate_protocol_version(&mut buf, 0, &params.protocol_options);
+        if sock.write_all(&buf).await.is_err() {
+            return Login::Done;
+        }
+    }
+    let method = app.config.load().auth.method;
+    let users = app.users.load_full();
+    match auth::authenticate(sock, method, &users, &params.user).await {
+        Ok(()) => Login::Session(params),
+        Err(auth::AuthError::Io(e)) => {
+            tracing::debug!(error = %e, "client left during authentication");
+            Login::Done
+        }
+        Err(e) => {
+            app.metrics.error("auth_failed");
+            tracing::warn!(user = params.user, error = %e, "authentication failed");
+            reject(sock, e.sqlstate(), &e.to_string()).await;
+            Login::Done
+        }
+    }
+}
+
+async fn forward_cancel(app: &App, pid: i32, secret: i32) {
+    match app.cancels.target(pid, secret) {
+        Some(t) => {
+            let timeout = app.config.load().pool.connect_timeout;
+            if let Err(e) = crate::backend::send_cancel(&t.addr, t.pid, t.secret, timeout).await {
+                tracing::warn!(error = %e, "cannot forward cancel request");
+            } else {
+                tracing::debug!(backend = t.addr, backend_pid = t.pid, "cancel request forwarded");
+            }
+        }
+        // Same as PostgreSQL: an unknown key gets no answer and no hint.
+        None => tracing::debug!(pid, "cancel request with unknown key ignored"),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("client connection failed: {0}")]
+    Client(#[from] std::io::Error),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
+}
+
+async fn run_session(app: &App, sock: &mut TcpStream, params: &StartupParams, key: &CancelKey) -> Result<(), SessionError> {
+    let pool_size = app.config.load().pool.pool_size;
+    let pool = app.pools.get(&PoolKey { user: params.user.clone(), database: params.database.clone() }, pool_size);
+    let startup_params = Arc::new(params.options.clone());
+
+    // Welcome the client, with a backend right away only if the pool has never served these
+    // startup parameters (the ParameterStatus values must come from a real server).
+    let mut lease = None;
+    let welcome = match pool.welcome(&startup_params) {
+        Some(w) => w,
+        None => {
+            let l = checkout_or_report(app, &pool, &startup_params, sock).await?;
+            let w = Arc::new(l.0);
+            lease = Some(l.1);
+            w
+        }
+    };
+    let mut out = BytesMut::with_capacity(512);
+    protocol::put_auth_ok(&mut out);
+    for (k, v) in welcome.iter() {
+        protocol::put_parameter_status(&mut out, k, v);
+    }
+    protocol::put_backend_key(&mut out, key.pid, key.secret);
+    protocol::put_ready_for_query(&mut out, b'I');
+    sock.write_all(&out).await?;
+    drop(out);
+
+    let mut cbuf = BytesMut::new();
+    let mut lease = match lease {
+        Some(l) => l,
+        None => {
+            // Wait for the first request without holding a buffer or a backend.
+            if !wait_first_request(app, sock, &mut cbuf).await? {
+                return Ok(());
+            }
+            checkout_or_report(app, &pool, &startup_params, sock).await?.1
+        }
+    };
+    let conn = lease.conn();
+    key.set_target(Some(CancelTarget { addr: conn.addr.clone(), pid: conn.pid, secret: conn.secret }));
+    let mut tracker = Tracker::default();
+    let result = relay::relay(app, sock, &mut cbuf, &mut lease.conn().stream, &mut tracker).await;
+    key.set_target(None);
+    let leftover = match &result {
+        Err(RelayError::BackendClosed | RelayError::Backend(_) | RelayError::BackendFrame(_)) => Leftover::Broken,
+        _ => tracker.leftover(),
+    };
+    match &result {
+        Ok(RelayEnd::Shutdown) => {
+            reject(sock, sqlstate::ADMIN_SHUTDOWN, "terminating connection because the proxy is shutting down").await
+        }
+        Ok(RelayEnd::IdleTimeout) => {
+            reject(sock, sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to client_idle_timeout").await
+        }
+        Err(RelayError::BackendClosed | RelayError::Backend(_)) => {
+            app.metrics.error("backend_lost");
+            reject(sock, sqlstate::CONNECTION_FAILURE, "server connection lost").await
+        }
+        Err(RelayError::ClientFrame(e)) => {
+            app.metrics.error("bad_client_message");
+            reject(sock, sqlstate::PROTOCOL_VIOLATION, &e.to_string()).await
+        }
+        Err(RelayError::BackendFrame(_)) => {
+            app.metrics.error("bad_backend_message");
+            reject(sock, sqlstate::PROTOCOL_VIOLATION, "invalid message from server").await
+        }
+        Ok(RelayEnd::ClientGone | RelayEnd::ClientTerminated) | Err(RelayError::Client(_)) => {}
+    }
+    if leftover != Leftover::Idle {
+        tracing::debug!(?leftover, "client left its backend unfinished");
+    }
+    lease.release(app, leftover).await;
+    result.map(|_| ()).map_err(SessionError::from)
+}
+
+/// Waits until the client sends something. Returns false if it left (or sent Terminate)
+/// without a request, or the proxy is shutting down.
+async fn wait_first_request(app: &App, sock: &mut TcpStream, cbuf: &mut BytesMut) -> Result<bool, SessionError> {
+    let idle_timeout = app.config.load().pool.client_idle_timeout;
+    let idle = async {
+        if idle_timeout.is_zero() {
+            std::future::pending::<()>().await
+        } else {
+            tokio::time::sleep(idle_timeout).await
+        }
+    };
+    tokio::select! {
+        r = sock.readable() => r?,
+        _ = idle => {
+            reject(sock, sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to client_idle_timeout").await;
+            return Ok(false);
+        }
+        _ = app.shutdown.cancelled() => {
+            reject(sock, sqlstate::ADMIN_SHUTDOWN, "terminating connection because the proxy is shutting down").await;
+            return Ok(false);
+        }
+    }
+    cbuf.reserve(4096);
+    let n = sock.read_buf(cbuf).await?;
+    Ok(n > 0 && cbuf.first() != Some(&protocol::frontend_tag::TERMINATE))
+}
+
+/// Checks out a backend; on failure tells the client why (the server's own error when a
+/// login failed) and returns the error.
+async fn checkout_or_report(
+    app: &App,
+    pool: &Arc<crate::pool::Pool>,
+    params: &crate::pool::Params,
+    sock: &mut TcpStream,
+) -> Result<(Vec<(String, String)>, Lease), SessionError> {
+    match pool.checkout(app, params).await {
+        Ok(mut lease) => {
+            let reported = lease.conn().reported.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            Ok((reported, lease))
+        }
+        Err(e) => {
+            let mut buf = BytesMut::new();
+            match &e {
+                PoolError::Connect(be) if be.server_error().is_some() => {
+                    if let Some(se) = be.server_error() {
+                        protocol::put_error_fields(&mut buf, &se.fields);
+                    }
+                }
+                PoolError::Timeout(_) => {
+                    protocol::put_error(&mut buf, Severity::Fatal, sqlstate::TOO_MANY_CONNECTIONS, &e.to_string())
+                }
+                PoolError::NoPrimary => {
+                    protocol::put_error(&mut buf, Severity::Fatal, sqlstate::CANNOT_CONNECT_NOW, &e.to_string())
+                }
+                PoolError::Shutdown => {
+                    protocol::put_error(&mut buf, Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, &e.to_string())
+                }
+                PoolError::Connect(_) => {
+                    protocol::put_error(&mut buf, Severity::Fatal, sqlstate::CANNOT_CONNECT, &e.to_string())
+                }
+            }
+            app.metrics.error(match &e {
+                PoolError::Timeout(_) => "checkout_timeout",
+                PoolError::NoPrimary => "no_primary",
+                PoolError::Shutdown => "shutdown",
+                PoolError::Connect(_) => "backend_connect",
+            });
+            tracing::warn!(error = %e, "cannot assign a backend");
+            let _ = sock.write_all(&buf).await;
+            Err(e.into())
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! The YAML configuration: its types, defaults, validation and loading.
+//!
+//! A [`Config`] is an immutable snapshot. The running proxy keeps the current one in an
+//! `ArcSwap` (see [`crate::app::App`]) and replaces it whole on SIGHUP; nothing mutates a
+//! loaded config. YAML parsing is confined to [`Config::from_yaml`] so the parser crate can be
+//! swapped without touching the rest of the proxy.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file that was asked for.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML is malformed, has an unknown key or a value of the wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// Dotted key path where the problem was found (`.` for the document root).
+        path: String,
+        /// What is wrong, with the line and column when the parser knows them.
+        message: String,
+    },
+    /// The YAML parsed but a value is not acceptable.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// Dotted key path of the offending value.
+        path: String,
+        /// Why the value is rejected.
+        message: String,
+    },
+}
+
+/// Method the proxy uses to authenticate its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    /// Accept every client without a password (pg_hba `trust`).
+    Trust,
+    /// MD5 challenge; users whose stored secret is a SCRAM verifier are asked for SCRAM instead.
+    Md5,
+    /// SCRAM-SHA-256 for every user.
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address clients connect to (pgpool: `listen_addresses` + `port`).
+    pub listen: SocketAddr,
+    /// HTTP endpoint for `/status` and `/health` (operators and probes); off when absent.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    /// HTTP endpoint for Prometheus `/metrics`; off when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// The PostgreSQL servers of the cluster, in node-id order (pgpool: `backend_*N`).
+    pub backends: Vec<BackendConfig>,
+    /// Pool sizes, limits and timeouts.
+    #[serde(default)]
+    pub pool: PoolConfig,
+    /// How clients authenticate and where their secrets live.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// How the proxy finds the current primary.
+    #[serde(default)]
+    pub primary_check: PrimaryCheckConfig,
+}
+
+/// One PostgreSQL server.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Unique name used in logs, metrics and status output.
+    pub name: String,
+    /// Host name or IP address.
+    pub host: String,
+    /// TCP port.
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// Relative weight for load balancing reads (kept for pgpool compatibility).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Data directory on the server's host, passed to failover hooks as `%D`.
+    #[serde(default)]
+    pub data_directory: Option<PathBuf>,
+}
+
+/// Pooling limits and timeouts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Most client connections served at once; more are refused with SQLSTATE 53300
+    /// (pgpool: `num_init_children`, PgBouncer: `max_client_conn`).
+    pub max_client_connections: usize,
+    /// Most backend connections per (user, database) pair (pgpool: `max_pool` ×
+    /// `num_init_children`, PgBouncer: `default_pool_size`). Clients beyond it wait.
+    pub pool_size: usize,
+    /// Statement run on a backend before it is handed to another client (pgpool:
+    /// `reset_query_list`, PgBouncer: `server_reset_query`). Empty disables the reset.
+    pub reset_query: String,
+    /// Deadline for opening and logging in to a backend connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long a client waits for a free backend before it gets SQLSTATE 53300.
+    #[serde(with = "humantime_serde")]
+    pub checkout_timeout: Duration,
+    /// Idle backend connections older than this are closed; 0 keeps them.
+    #[serde(with = "humantime_serde")]
+    pub server_idle_timeout: Duration,
+    /// Backend connections are closed once this old, at their next release; 0 disables
+    /// (pgpool: `connection_life_time`, PgBouncer: `server_lifetime`).
+    #[serde(with = "humantime_serde")]
+    pub server_lifetime: Duration,
+    /// A client idle this long between transactions is disconnected; 0 disables
+    /// (pgpool: `client_idle_limit`, PgBouncer: `client_idle_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub client_idle_timeout: Duration,
+    /// A client must finish startup and authentication within this time
+    /// (pgpool: `authentication_timeout`, PgBouncer: `client_login_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub client_login_timeout: Duration,
+    /// Deadline for the reset query (and rollback) when a client leaves.
+    #[serde(with = "humantime_serde")]
+    pub reset_timeout: Duration,
+    /// Largest single message accepted from a client before startup completes is fixed by the
+    /// protocol; this bounds messages after startup (bytes). Larger ones close the client.
+    pub max_message_size: u32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_client_connections: 1000,
+            pool_size: 50,
+            reset_query: "DISCARD ALL".to_owned(),
+            connect_timeout: Duration::from_secs(5),
+            checkout_timeout: Duration::from_secs(30),
+            server_idle_timeout: Duration::from_secs(600),
+            server_lifetime: Duration::from_secs(3600),
+            client_idle_timeout: Duration::ZERO,
+            client_login_timeout: Duration::from_secs(10),
+            reset_timeout: Duration::from_secs(5),
+            max_message_size: 1 << 30,
+        }
+    }
+}
+
+/// Client authentication.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// How clients prove who they are.
+    pub method: AuthMethod,
+    /// Users and their secrets, in PgBouncer `userlist.txt` or pgpool `pool_passwd` format.
+    /// The same secrets are used to log in to the backends. Relative paths are resolved from
+    /// the directory of the config file.
+    pub file: Option<PathBuf>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { method: AuthMethod::Trust, file: None }
+    }
+}
+
+/// Discovery of the current primary with `SELECT pg_is_in_recovery()`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrimaryCheckConfig {
+    /// User the proxy logs in as (pgpool: `sr_check_user` / `health_check_user`).
+    pub user: String,
+    /// Its password; may be omitted when the auth file has it or the servers trust the proxy.
+    pub password: Option<String>,
+    /// Database to connect to.
+    pub database: String,
+    /// How often every backend is asked.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Deadline for one check (connect, login and query).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for PrimaryCheckConfig {
+    fn default() -> Self {
+        PrimaryCheckConfig {
+            user: "postgres".to_owned(),
+            password: None,
+            database: "postgres".to_owned(),
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative paths inside it are resolved
+    /// from the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut config = Config::from_yaml(&text)?;
+        if let Some(dir) = path.parent() {
+            config.resolve_paths(dir);
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates YAML text.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let message = e.into_inner().to_string();
+            // serde_yaml sometimes prefixes the path itself; say it once.
+            let message = message.strip_prefix(&format!("{path}: ")).map(str::to_owned).unwrap_or(message);
+            ConfigError::Parse { path, message }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        if let Some(file) = &self.auth.file {
+            if file.is_relative() {
+                self.auth.file = Some(base.join(file));
+            }
+        }
+    }
+
+    /// Checks values that parse but make no sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |path: &str, message: String| {
+            Err(ConfigError::Invalid { path: path.to_owned(), message })
+        };
+        if self.backends.is_empty() {
+            return invalid("backends", "at least one backend is required".into());
+        }
+        let mut names = HashSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            if b.name.is_empty() {
+                return invalid(&format!("backends[{i}].name"), "must not be empty".into());
+            }
+            if !names.insert(b.name.as_str()) {
+                return invalid(
+                    &format!("backends[{i}].name"),
+                    format!("duplicate backend name \"{}\"", b.name),
+                );
+            }
+            if b.host.is_empty() {
+                return invalid(&format!("backends[{i}].host"), "must not be empty".into());
+            }
+            if b.port == 0 {
+                return invalid(&format!("backends[{i}].port"), "must be between 1 and 65535".into());
+            }
+        }
+        let p = &self.pool;
+        if p.max_client_connections == 0 {
+            return invalid("pool.max_client_connections", "must be at least 1".into());
+        }
+        if p.pool_size == 0 {
+            return invalid("pool.pool_size", "must be at least 1".into());
+        }
+        for (key, d) in [
+            ("pool.connect_timeout", p.connect_timeout),
+            ("pool.checkout_timeout", p.checkout_timeout),
+            ("pool.client_login_timeout", p.client_login_timeout),
+            ("pool.reset_timeout", p.reset_timeout),
+            ("primary_check.interval", self.primary_check.interval),
+            ("primary_check.timeout", self.primary_check.timeout),
+        ] {
+            if d.is_zero() {
+                return invalid(key, "must be greater than zero".into());
+            }
+        }
+        if p.max_message_size < 1024 {
+            return invalid("pool.max_message_size", "must be at least 1024 bytes".into());
+        }
+        if self.auth.method != AuthMethod::Trust && self.auth.file.is_none() {
+            return invalid(
+                "auth.file",
+                format!("required when auth.method is {:?}", self.auth.method).to_lowercase(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Settings that only take effect at start: a reload that changes them is refused.
+    pub fn restart_required_changes(&self, next: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.listen != next.listen {
+            changed.push("listen");
+        }
+        if self.admin_listen != next.admin_listen {
+            changed.push("admin_listen");
+        }
+        if self.metrics_listen != next.metrics_listen {
+            changed.push("metrics_listen");
+        }
+        if self.backends != next.backends {
+            changed.push("backends");
+        }
+        changed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "listen: 127.0.0.1:6432\nbackends:\n  - name: pg0\n    host: 127.0.0.1\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_yaml(MINIMAL).expect("valid");
+        assert_eq!(c.backends[0].port, 5432);
+        assert_eq!(c.pool.reset_query, "DISCARD ALL");
+        assert_eq!(c.auth.method, AuthMethod::Trust);
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let text = format!("{MINIMAL}pool:\n  pool_sise: 3\n");
+        let err = Config::from_yaml(&text).unwrap_err().to_string();
+        assert!(err.starts_with("pool.pool_sise"), "{err}");
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_its_path() {
+        let text = format!("{MINIMAL}pool:\n  connect_timeout: soon\n");
+        let err = Config::from_yaml(&text).unwrap_err().to_string();
+        assert!(err.starts_with("pool.connect_timeout"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_backend_rejected() {
+        let text = "listen: 127.0.0.1:6432\nbackends:\n  - {name: a, host: h}\n  - {name: a, host: h}\n";
+        let err = Config::from_yaml(text).unwrap_err().to_string();
+        assert!(err.contains("backends[1].name") && err.contains("duplicate"), "{err}");
+    }
+
+    #[test]
+    fn password_method_needs_file() {
+        let text = format!("{MINIMAL}auth:\n  method: scram-sha-256\n");
+        let err = Config::from_yaml(&text).unwrap_err().to_string();
+        assert!(err.starts_with("auth.file"), "{err}");
+    }
+}

@@ -1,0 +1,29 @@
+//! pglifeguard: a PostgreSQL-aware TCP proxy for streaming-replication clusters.
+//!
+//! The path of a client's bytes: [`server`] accepts the socket and hands it to [`client`],
+//! which reads the [`startup`] packet, runs [`auth`], borrows a backend from [`pool`]
+//! (opened by [`backend`] on the node [`cluster`] names as primary) and then [`relay`]s
+//! bytes both ways, framed by [`protocol`]. [`health`] keeps the cluster view current;
+//! [`admin`] and [`metrics`] expose it.
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod app;
+pub mod auth;
+pub mod backend;
+pub mod cancel;
+pub mod cli;
+pub mod client;
+pub mod cluster;
+pub mod config;
+pub mod demo;
+pub mod health;
+pub mod localcluster;
+pub mod metrics;
+pub mod net;
+pub mod pool;
+pub mod protocol;
+pub mod relay;
+pub mod scram;
+pub mod server;
+pub mod startup;

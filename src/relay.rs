@@ -1,0 +1,278 @@
+//! The hot path: bytes between a client and its backend, forwarded as they arrive.
+//!
+//! One task owns both sockets and one buffer per direction. Only the `read_buf` calls are
+//! raced in `select!` (they lose nothing when dropped); writes happen in the arm bodies, so a
+//! slow reader on either side pushes back on the other exactly as PostgreSQL itself would.
+//! Headers are examined through [`Framer`]; bodies are never copied or decoded except the
+//! one-byte status of ReadyForQuery. Buffers are reused, so steady state allocates nothing.
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::app::App;
+use crate::pool::Leftover;
+use crate::protocol::{backend_tag, frontend_tag, FrameError, Framer, Step};
+
+/// Free space kept in a buffer before each read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Why the relay stopped without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// The client sent Terminate.
+    ClientTerminated,
+    /// The client closed its socket.
+    ClientGone,
+    /// The client stayed idle past `client_idle_timeout`.
+    IdleTimeout,
+    /// The proxy is shutting down and the session reached an idle point.
+    Shutdown,
+}
+
+/// Why the relay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Reading from or writing to the client failed.
+    #[error("client connection failed: {0}")]
+    Client(#[source] std::io::Error),
+    /// Reading from or writing to the backend failed.
+    #[error("backend connection failed: {0}")]
+    Backend(#[source] std::io::Error),
+    /// The backend closed the connection.
+    #[error("backend closed the connection")]
+    BackendClosed,
+    /// The client sent an impossible message header.
+    #[error("invalid message from client: {0}")]
+    ClientFrame(FrameError),
+    /// The backend sent an impossible message header.
+    #[error("invalid message from backend: {0}")]
+    BackendFrame(FrameError),
+}
+
+/// Protocol state of a session, as far as pooling needs to know it.
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    /// Requests (Query, Sync, FunctionCall) not yet answered by ReadyForQuery.
+    outstanding: u32,
+    /// Status byte of the last ReadyForQuery.
+    status: u8,
+    /// Extended-protocol messages sent since the last Sync: the server holds unsynced state.
+    unsynced: bool,
+    client: Framer,
+    backend: Framer,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker { outstanding: 0, status: b'I', unsynced: false, client: Framer::new(), backend: Framer::new() }
+    }
+}
+
+impl Tracker {
+    #[inline]
+    fn on_frontend(&mut self, tag: u8) -> Step {
+        match tag {
+            frontend_tag::QUERY | frontend_tag::FUNCTION_CALL => self.outstanding += 1,
+            frontend_tag::SYNC => {
+                self.outstanding += 1;
+                self.unsynced = false;
+            }
+            frontend_tag::TERMINATE => return Step::StopBefore,
+            // Flush and COPY traffic carry no new request.
+            b'H' | b'd' | b'c' | b'f' => {}
+            _ => self.unsynced = true,
+        }
+        Step::Forward
+    }
+
+    /// Whether the session sits between transactions with nothing pending.
+    #[inline]
+    pub fn is_idle(&self) -> bool {
+        self.outstanding == 0 && self.status == b'I' && !self.unsynced
+    }
+
+    /// In what state the backend would be left if the session ended now.
+    pub fn leftover(&self) -> Leftover {
+        if self.outstanding > 0 || self.unsynced || !self.client.at_boundary() || !self.backend.at_boundary() {
+            Leftover::Busy
+        } else if self.status == b'I' {
+            Leftover::Idle
+        } else {
+            Leftover::InTransaction
+        }
+    }
+}
+
+/// Scans client bytes already in `cbuf` and forwards the complete part to the backend.
+/// Returns true if the client sent Terminate.
+async fn forward_client(
+    cbuf: &mut BytesMut,
+    backend: &mut TcpStream,
+    tracker: &mut Tracker,
+    max_len: u32,
+    app: &App,
+) -> Result<bool, RelayError> {
+    let Tracker { client, .. } = tracker;
+    let mut framer = std::mem::take(client);
+    let result = framer.scan(cbuf, max_len, |_| false, |tag, _| tracker.on_frontend(tag));
+    tracker.client = framer;
+    let scan = result.map_err(RelayError::ClientFrame)?;
+    if scan.forward > 0 {
+        backend.write_all(&cbuf[..scan.forward]).await.map_err(RelayError::Backend)?;
+        cbuf.advance(scan.forward);
+        app.metrics.bytes_to_backend.inc_by(scan.forward as u64);
+    }
+    Ok(scan.stopped)
+}
+
+/// Relays until the client leaves, the session times out or the proxy shuts down.
+/// `cbuf` may already hold client bytes (the request that caused the backend checkout).
+pub async fn relay(
+    app: &App,
+    client: &mut TcpStream,
+    cbuf: &mut BytesMut,
+    backend: &mut TcpStream,
+    tracker: &mut Tracker,
+) -> Result<RelayEnd, RelayError> {
+    let config = app.config.load_full();
+    let max_len = config.pool.max_message_size;
+    let idle_timeout = config.pool.client_idle_timeout;
+    drop(config);
+    let mut bbuf = BytesMut::with_capacity(READ_CHUNK);
+    if forward_client(cbuf, backend, tracker, max_len, app).await? {
+        return Ok(RelayEnd::ClientTerminated);
+    }
+    let idle_enabled = !idle_timeout.is_zero();
+    let idle_sleep = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle_sleep);
+    let mut draining = false;
+    loop {
+        if cbuf.capacity() - cbuf.len() < READ_CHUNK / 4 {
+            cbuf.reserve(READ_CHUNK);
+        }
+        if bbuf.capacity() - bbuf.len() < READ_CHUNK / 4 {
+            bbuf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            r = client.read_buf(cbuf) => {
+                let n = r.map_err(RelayError::Client)?;
+                if n == 0 {
+                    return Ok(RelayEnd::ClientGone);
+                }
+                if forward_client(cbuf, backend, tracker, max_len, app).await? {
+                    return Ok(RelayEnd::ClientTerminated);
+                }
+                if idle_enabled {
+                    idle_sleep.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                }
+            }
+            r = backend.read_buf(&mut bbuf) => {
+                let n = r.map_err(RelayError::Backend)?;
+                if n == 0 {
+                    return Err(RelayError::BackendClosed);
+                }
+                let mut transactions = 0u64;
+                let Tracker { backend: framer, outstanding, status, .. } = tracker;
+                let scan = framer
+                    .scan(&bbuf, u32::MAX, |t| t == backend_tag::READY_FOR_QUERY, |tag, body| {
+                        if tag == backend_tag::READY_FOR_QUERY {
+                            *outstanding = outstanding.saturating_sub(1);
+                            *status = body.first().copied().unwrap_or(b'I');
+                            transactions += (*status == b'I') as u64;
+                        }
+                        Step::Forward
+                    })
+                    .map_err(RelayError::BackendFrame)?;
+                if scan.forward > 0 {
+                    client.write_all(&bbuf[..scan.forward]).await.map_err(RelayError::Client)?;
+                    bbuf.advance(scan.forward);
+                    app.metrics.bytes_to_client.inc_by(scan.forward as u64);
+                }
+                if transactions > 0 {
+                    app.metrics.transactions.inc_by(transactions);
+                }
+                if draining && tracker.is_idle() {
+                    return Ok(RelayEnd::Shutdown);
+                }
+                if idle_enabled {
+                    idle_sleep.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                }
+            }
+            _ = app.shutdown.cancelled(), if !draining => {
+                draining = true;
+                if tracker.is_idle() {
+                    return Ok(RelayEnd::Shutdown);
+                }
+            }
+            _ = &mut idle_sleep, if idle_enabled && tracker.is_idle() => {
+                return Ok(RelayEnd::IdleTimeout);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed_frontend(t: &mut Tracker, tags: &[u8]) {
+        for &tag in tags {
+            t.on_frontend(tag);
+        }
+    }
+
+    fn rfq(t: &mut Tracker, status: u8) {
+        t.outstanding = t.outstanding.saturating_sub(1);
+        t.status = status;
+    }
+
+    #[test]
+    fn simple_query_cycle_is_idle() {
+        let mut t = Tracker::default();
+        feed_frontend(&mut t, b"Q");
+        assert_eq!(t.leftover(), Leftover::Busy);
+        rfq(&mut t, b'I');
+        assert_eq!(t.leftover(), Leftover::Idle);
+    }
+
+    #[test]
+    fn pipelined_extended_queries_need_every_sync_answered() {
+        let mut t = Tracker::default();
+        feed_frontend(&mut t, b"PBDES");
+        feed_frontend(&mut t, b"BES");
+        rfq(&mut t, b'I');
+        assert_eq!(t.leftover(), Leftover::Busy, "second Sync still pending");
+        rfq(&mut t, b'I');
+        assert_eq!(t.leftover(), Leftover::Idle);
+    }
+
+    #[test]
+    fn unsynced_extended_messages_are_busy() {
+        let mut t = Tracker::default();
+        feed_frontend(&mut t, b"PBE");
+        assert_eq!(t.leftover(), Leftover::Busy);
+    }
+
+    #[test]
+    fn open_transaction_needs_rollback() {
+        let mut t = Tracker::default();
+        feed_frontend(&mut t, b"Q");
+        rfq(&mut t, b'T');
+        assert_eq!(t.leftover(), Leftover::InTransaction);
+        feed_frontend(&mut t, b"Q");
+        rfq(&mut t, b'E');
+        assert_eq!(t.leftover(), Leftover::InTransaction);
+    }
+
+    #[test]
+    fn copy_in_keeps_request_outstanding() {
+        let mut t = Tracker::default();
+        feed_frontend(&mut t, b"Q");
+        feed_frontend(&mut t, b"ddd");
+        assert_eq!(t.leftover(), Leftover::Busy);
+        feed_frontend(&mut t, b"c");
+        rfq(&mut t, b'I');
+        assert_eq!(t.leftover(), Leftover::Idle);
+    }
+}
