@@ -110,7 +110,8 @@ pub struct PoolConfig {
     /// `num_init_children`, PgBouncer: `default_pool_size`). Clients beyond it wait.
     pub pool_size: usize,
     /// Statement run on a backend before it is handed to another client (pgpool:
-    /// `reset_query_list`, PgBouncer: `server_reset_query`). Empty disables the reset.
+    /// `reset_query_list`, PgBouncer: `server_reset_query`). Several statements separated by
+    /// `;` run one at a time. Empty disables the reset.
     pub reset_query: String,
     /// Deadline for opening and logging in to a backend connection.
     #[serde(with = "humantime_serde")]

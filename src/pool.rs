@@ -171,9 +171,11 @@ impl Pool {
     }
 
     /// Pops an idle connection usable now, preferring one opened with the same startup
-    /// parameters. Stale ones met on the way are closed.
+    /// parameters, then one whose settings `SET` can turn into the client's. Stale
+    /// connections met on the way are closed, and so is a connection that cannot be adjusted
+    /// when the pool has no room for a new one: a new one is then opened in its place.
     fn take_idle(&self, app: &App, node: usize, epoch: u64, params: &Params, lifetime: Duration) -> Option<BackendConn> {
-        let mut stale = Vec::new();
+        let mut closing = Vec::new();
         let picked = {
             let mut idle = self.idle();
             let mut i = idle.len();
@@ -182,21 +184,27 @@ impl Pool {
                 let c = &idle[i];
                 let expired = !lifetime.is_zero() && c.created.elapsed() >= lifetime;
                 if c.node != node || c.epoch != epoch || expired || c.is_broken() {
-                    stale.push(idle.swap_remove(i));
+                    closing.push(idle.swap_remove(i));
                 }
             }
-            let exact = idle.iter().rposition(|c| c.startup == *params);
-            // Opening a new connection for an exact match is allowed only while the pool has
-            // room next to the idle ones; otherwise reuse a different one and adjust it.
-            let room = self.open.load(Ordering::Relaxed) - stale.len() < self.size.load(Ordering::Relaxed);
-            match exact {
-                Some(pos) => Some(idle.remove(pos)),
-                None if !room => idle.pop(),
-                None => None,
+            let room = self.open.load(Ordering::Relaxed) - closing.len() < self.size.load(Ordering::Relaxed);
+            if let Some(pos) = idle.iter().rposition(|c| c.startup == *params) {
+                Some(idle.remove(pos))
+            } else if room {
+                None
+            } else if let Some(pos) = idle.iter().rposition(|c| adjustable(&c.startup, params)) {
+                Some(idle.remove(pos))
+            } else {
+                // Full pool, nothing reusable for these parameters: retire the least recently
+                // used idle connection so a fitting one can be opened.
+                if !idle.is_empty() {
+                    closing.push(idle.remove(0));
+                }
+                None
             }
         };
-        app.metrics.backends_idle.sub(stale.len() as i64 + picked.is_some() as i64);
-        for conn in stale {
+        app.metrics.backends_idle.sub(closing.len() as i64 + picked.is_some() as i64);
+        for conn in closing {
             self.close(app, conn);
         }
         picked
@@ -266,21 +274,21 @@ async fn apply_settings(conn: &mut BackendConn, params: &Params) -> Result<(), B
             ));
         }
     }
-    for k in current.keys() {
-        if !wanted.contains_key(k) {
-            // The server-wide default is unknown here; an empty application_name is what a
-            // client that sent none would see, other settings return to the session default.
-            if k == "application_name" {
-                sql.push_str("SET application_name = '';");
-            } else {
-                sql.push_str(&format!("RESET {};", postgres_protocol::escape::escape_identifier(k)));
-            }
-        }
+    if current.contains_key("application_name") && !wanted.contains_key("application_name") {
+        sql.push_str("SET application_name = '';");
     }
     if !sql.is_empty() {
         conn.simple_query(&sql).await?;
     }
     Ok(())
+}
+
+/// Whether `SET` alone can give a connection opened with `have` the settings of `want`: every
+/// setting `have` was opened with must also be set by `want` (its server default is unknown
+/// to the proxy, so it cannot be restored), except application_name, whose default is empty.
+fn adjustable(have: &BTreeMap<String, String>, want: &BTreeMap<String, String>) -> bool {
+    let want = settings(want);
+    settings(have).keys().all(|k| k == "application_name" || want.contains_key(k))
 }
 
 fn settings(params: &BTreeMap<String, String>) -> BTreeMap<String, String> {
@@ -317,8 +325,10 @@ impl Lease {
                     return Err(BackendError::Protocol { addr: conn.addr.clone(), reason: format!("left {leftover:?}") });
                 }
             }
-            if !config.pool.reset_query.is_empty() {
-                conn.simple_query(&config.pool.reset_query).await?;
+            // Run one statement at a time, as pgpool does with reset_query_list: DISCARD ALL
+            // refuses to run inside the implicit transaction of a multi-statement query.
+            for statement in config.pool.reset_query.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                conn.simple_query(statement).await?;
             }
             Ok::<(), BackendError>(())
         };

@@ -343,7 +343,7 @@ mod tests {
             let mut buf = stream[..cut].to_vec();
             let mut seen = Vec::new();
             let mut forwarded = 0;
-            let mut feed = |buf: &mut Vec<u8>, seen: &mut Vec<(u8, Vec<u8>)>, f: &mut Framer| {
+            let feed = |buf: &mut Vec<u8>, seen: &mut Vec<(u8, Vec<u8>)>, f: &mut Framer| {
                 let (scan, s) = collect(f, buf);
                 seen.extend(s);
                 buf.drain(..scan.forward);

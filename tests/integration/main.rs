@@ -1,0 +1,10 @@
+//! End-to-end tests: real PostgreSQL clusters, real clients, the proxy in between.
+
+mod common;
+
+mod auth;
+mod bad_input;
+mod config;
+mod pgbench;
+mod pooling;
+mod protocol;
