@@ -51,7 +51,9 @@ enum Login {
 
 async fn session(app: &Arc<App>, mut sock: TcpStream) {
     let login_timeout = app.config.load().pool.client_login_timeout;
-    let login = match tokio::time::timeout(login_timeout, login(app, &mut sock)).await {
+    // Boxed, like the checkout and the relay below: a task's size is that of its largest
+    // state, and an idle client should not carry room for the others.
+    let login = match tokio::time::timeout(login_timeout, Box::pin(login(app, &mut sock))).await {
         Ok(l) => l,
         Err(_) => {
             app.metrics.error("login_timeout");
@@ -63,7 +65,7 @@ async fn session(app: &Arc<App>, mut sock: TcpStream) {
     let Login::Session(params) = login else { return };
     tracing::debug!(user = params.user, database = params.database, "client authenticated");
     let key = app.cancels.issue();
-    if let Err(e) = run_session(app, &mut sock, &params, &key).await {
+    if let Err(e) = Box::pin(run_session(app, &mut sock, &params, &key)).await {
         tracing::info!(error = %e, "session ended with an error");
     }
 }
@@ -157,7 +159,7 @@ async fn run_session(app: &App, sock: &mut TcpStream, params: &StartupParams, ke
     let welcome = match pool.welcome(&startup_params) {
         Some(w) => w,
         None => {
-            let l = checkout_or_report(app, &pool, &startup_params, sock).await?;
+            let l = Box::pin(checkout_or_report(app, &pool, &startup_params, sock)).await?;
             let w = Arc::new(l.0);
             lease = Some(l.1);
             w
@@ -181,13 +183,13 @@ async fn run_session(app: &App, sock: &mut TcpStream, params: &StartupParams, ke
             if !wait_first_request(app, sock, &mut cbuf).await? {
                 return Ok(());
             }
-            checkout_or_report(app, &pool, &startup_params, sock).await?.1
+            Box::pin(checkout_or_report(app, &pool, &startup_params, sock)).await?.1
         }
     };
     let conn = lease.conn();
     key.set_target(Some(CancelTarget { addr: conn.addr.clone(), pid: conn.pid, secret: conn.secret }));
     let mut tracker = Tracker::default();
-    let result = relay::relay(app, sock, &mut cbuf, &mut lease.conn().stream, &mut tracker).await;
+    let result = Box::pin(relay::relay(app, sock, &mut cbuf, &mut lease.conn().stream, &mut tracker)).await;
     key.set_target(None);
     let leftover = match &result {
         Err(RelayError::BackendClosed | RelayError::Backend(_) | RelayError::BackendFrame(_)) => Leftover::Broken,
@@ -217,7 +219,7 @@ async fn run_session(app: &App, sock: &mut TcpStream, params: &StartupParams, ke
     if leftover != Leftover::Idle {
         tracing::debug!(?leftover, "client left its backend unfinished");
     }
-    lease.release(app, leftover).await;
+    Box::pin(lease.release(app, leftover)).await;
     result.map(|_| ()).map_err(SessionError::from)
 }
 

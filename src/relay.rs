@@ -104,6 +104,47 @@ impl Tracker {
     }
 }
 
+/// Relay counters kept locally and added to the shared metrics in batches, so two sessions on
+/// different cores do not fight over the same cache line on every message.
+struct LocalStats<'a> {
+    metrics: &'a crate::metrics::Metrics,
+    to_backend: u64,
+    to_client: u64,
+    transactions: u64,
+    events: u32,
+}
+
+impl LocalStats<'_> {
+    const FLUSH_EVERY: u32 = 64;
+
+    #[inline]
+    fn tick(&mut self) {
+        self.events += 1;
+        if self.events >= Self::FLUSH_EVERY {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.to_backend > 0 {
+            self.metrics.bytes_to_backend.inc_by(std::mem::take(&mut self.to_backend));
+        }
+        if self.to_client > 0 {
+            self.metrics.bytes_to_client.inc_by(std::mem::take(&mut self.to_client));
+        }
+        if self.transactions > 0 {
+            self.metrics.transactions.inc_by(std::mem::take(&mut self.transactions));
+        }
+        self.events = 0;
+    }
+}
+
+impl Drop for LocalStats<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 /// Scans client bytes already in `cbuf` and forwards the complete part to the backend.
 /// Returns true if the client sent Terminate.
 async fn forward_client(
@@ -111,7 +152,7 @@ async fn forward_client(
     backend: &mut TcpStream,
     tracker: &mut Tracker,
     max_len: u32,
-    app: &App,
+    stats: &mut LocalStats<'_>,
 ) -> Result<bool, RelayError> {
     let Tracker { client, .. } = tracker;
     let mut framer = std::mem::take(client);
@@ -121,7 +162,7 @@ async fn forward_client(
     if scan.forward > 0 {
         backend.write_all(&cbuf[..scan.forward]).await.map_err(RelayError::Backend)?;
         cbuf.advance(scan.forward);
-        app.metrics.bytes_to_backend.inc_by(scan.forward as u64);
+        stats.to_backend += scan.forward as u64;
     }
     Ok(scan.stopped)
 }
@@ -140,7 +181,8 @@ pub async fn relay(
     let idle_timeout = config.pool.client_idle_timeout;
     drop(config);
     let mut bbuf = BytesMut::with_capacity(READ_CHUNK);
-    if forward_client(cbuf, backend, tracker, max_len, app).await? {
+    let mut stats = LocalStats { metrics: &app.metrics, to_backend: 0, to_client: 0, transactions: 0, events: 0 };
+    if forward_client(cbuf, backend, tracker, max_len, &mut stats).await? {
         return Ok(RelayEnd::ClientTerminated);
     }
     let idle_enabled = !idle_timeout.is_zero();
@@ -160,9 +202,10 @@ pub async fn relay(
                 if n == 0 {
                     return Ok(RelayEnd::ClientGone);
                 }
-                if forward_client(cbuf, backend, tracker, max_len, app).await? {
+                if forward_client(cbuf, backend, tracker, max_len, &mut stats).await? {
                     return Ok(RelayEnd::ClientTerminated);
                 }
+                stats.tick();
                 if idle_enabled {
                     idle_sleep.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                 }
@@ -187,11 +230,10 @@ pub async fn relay(
                 if scan.forward > 0 {
                     client.write_all(&bbuf[..scan.forward]).await.map_err(RelayError::Client)?;
                     bbuf.advance(scan.forward);
-                    app.metrics.bytes_to_client.inc_by(scan.forward as u64);
+                    stats.to_client += scan.forward as u64;
                 }
-                if transactions > 0 {
-                    app.metrics.transactions.inc_by(transactions);
-                }
+                stats.transactions += transactions;
+                stats.tick();
                 if draining && tracker.is_idle() {
                     return Ok(RelayEnd::Shutdown);
                 }

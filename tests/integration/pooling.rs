@@ -175,3 +175,30 @@ async fn sessions_go_to_the_primary_and_follow_a_promotion() {
     let n: i64 = c.query_one("select count(*) from w", &[]).await.expect("count").get(0);
     assert_eq!(n, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_are_disconnected_after_client_idle_timeout() {
+    let env = Env::start(small_pool("  pool_size: 2\n  client_idle_timeout: 300ms\n")).await;
+    // One client idles inside a session (backend assigned), one before its first request.
+    let (busy, mut busy_conn) =
+        tokio_postgres::connect(&env.url("postgres", None), tokio_postgres::NoTls).await.expect("connect");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut tx = Some(tx);
+        let mut messages = futures_util::stream::poll_fn(move |cx| busy_conn.poll_message(cx));
+        while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
+            if let Err(e) = m {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(e.code().cloned());
+                }
+            }
+        }
+    });
+    busy.batch_execute("select 1").await.expect("first request");
+    let code = tokio::time::timeout(Duration::from_secs(10), rx).await.expect("disconnected in time").expect("error sent");
+    assert_eq!(code, Some(SqlState::IDLE_SESSION_TIMEOUT));
+    assert!(busy.is_closed() || busy.batch_execute("select 1").await.is_err());
+    // Its backend went back to the pool, clean.
+    let pool = &env.proxy.app.pools.all()[0];
+    assert!(wait_until(Duration::from_secs(5), || async { pool.in_use() == 0 && pool.idle_count() == 1 }).await);
+}
