@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{UserList, UserListError};
@@ -36,6 +36,10 @@ pub struct App {
     pub metrics: Metrics,
     /// Cancelled when the proxy shuts down.
     pub shutdown: CancellationToken,
+    /// Events for the failover manager (health reports, operator commands).
+    pub events: mpsc::Sender<crate::failover::Event>,
+    /// Wakes a node's health checker at once when a data connection to it fails.
+    suspects: Vec<Arc<Notify>>,
     clients: AtomicUsize,
     next_client_id: AtomicU64,
 }
@@ -58,12 +62,18 @@ pub enum ReloadError {
 }
 
 impl App {
-    /// Builds the state for a validated config, loading its users file.
-    pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<App>, UserListError> {
+    /// Builds the state for a validated config, loading its users file. Also returns the
+    /// receiving end of [`App::events`], for the failover manager.
+    pub fn new(
+        config: Config,
+        config_path: Option<PathBuf>,
+    ) -> Result<(Arc<App>, mpsc::Receiver<crate::failover::Event>), UserListError> {
         let users = load_users(&config)?;
         let cluster = ClusterState::new(&config.backends);
         let (cluster_changed, _) = watch::channel(0);
-        Ok(Arc::new(App {
+        let (events, events_rx) = mpsc::channel(64);
+        let suspects = config.backends.iter().map(|_| Arc::new(Notify::new())).collect();
+        let app = Arc::new(App {
             config: ArcSwap::from_pointee(config),
             config_path,
             users: ArcSwap::from_pointee(users),
@@ -73,9 +83,30 @@ impl App {
             cancels: Arc::new(CancelRegistry::default()),
             metrics: Metrics::new(),
             shutdown: CancellationToken::new(),
+            events,
+            suspects,
             clients: AtomicUsize::new(0),
             next_client_id: AtomicU64::new(1),
-        }))
+        });
+        Ok((app, events_rx))
+    }
+
+    /// Reports that a data connection to `node` failed, so its health is checked now rather
+    /// than at the next period.
+    pub fn suspect(&self, node: usize) {
+        if let Some(n) = self.suspects.get(node) {
+            n.notify_one();
+        }
+    }
+
+    /// The signal [`App::suspect`] raises for `node`.
+    pub fn suspect_signal(&self, node: usize) -> Arc<Notify> {
+        self.suspects.get(node).cloned().unwrap_or_else(|| Arc::new(Notify::new()))
+    }
+
+    /// A node's configured name, for logs.
+    pub fn node_name(&self, node: usize) -> String {
+        self.cluster.load().nodes.get(node).map(|n| n.name.clone()).unwrap_or_else(|| format!("#{node}"))
     }
 
     /// Publishes a new cluster view.
@@ -93,7 +124,7 @@ impl App {
             {
                 let state = self.cluster.load();
                 if let Some((node, addr)) = state.primary_addr() {
-                    return Some((node, addr.to_owned(), state.epoch));
+                    return Some((node, addr, state.epoch));
                 }
             }
             tokio::select! {

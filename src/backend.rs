@@ -293,6 +293,54 @@ impl BackendConn {
         }
     }
 
+    /// Gives a fresh connection the state a client built on its previous one: the settings
+    /// the server reported to it (those a client can change with SET) and its named prepared
+    /// statements, re-parsed from the client's own Parse messages.
+    pub async fn restore(&mut self, session: &crate::relay::SessionState) -> Result<(), BackendError> {
+        const SETTABLE: [&str; 7] = [
+            "application_name",
+            "client_encoding",
+            "DateStyle",
+            "IntervalStyle",
+            "TimeZone",
+            "standard_conforming_strings",
+            "search_path",
+        ];
+        let mut sql = String::new();
+        for name in SETTABLE {
+            if let Some(v) = session.params.get(name) {
+                if self.reported.get(name) != Some(v) {
+                    sql.push_str(&format!(
+                        "SET {} = {};",
+                        postgres_protocol::escape::escape_identifier(name),
+                        postgres_protocol::escape::escape_literal(v)
+                    ));
+                }
+            }
+        }
+        if !sql.is_empty() {
+            self.simple_query(&sql).await?;
+        }
+        if session.prepared.is_empty() {
+            return Ok(());
+        }
+        let mut out = BytesMut::new();
+        for parse in session.prepared.values() {
+            out.extend_from_slice(parse);
+        }
+        frontend::sync(&mut out);
+        self.stream.write_all(&out).await.map_err(|e| self.io(e))?;
+        let mut error = None;
+        loop {
+            match self.read_message().await? {
+                Message::ErrorResponse(body) => error = Some(self.server_err(&body)),
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        error.map_or(Ok(()), Err)
+    }
+
     /// Whether the idle socket has turned readable: an idle backend only sends when it is
     /// about to go away (admin shutdown, idle timeout), so any byte or EOF means discard it.
     pub fn is_broken(&self) -> bool {

@@ -93,9 +93,17 @@ fn check_config(file: &std::path::Path) -> ExitCode {
     }
 }
 
-/// Builds the runtime the proxy runs on.
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("pglifeguard").build()
+/// Builds the runtime the proxy runs on: single-threaded for `worker_threads: 1`, else a
+/// multi-threaded one (`0` = one worker per core).
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if worker_threads == 1 {
+        return tokio::runtime::Builder::new_current_thread().enable_all().build();
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 1 {
+        builder.worker_threads(worker_threads);
+    }
+    builder.enable_all().thread_name("pglifeguard").build()
 }
 
 fn run(path: PathBuf) -> ExitCode {
@@ -106,7 +114,7 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let rt = match runtime() {
+    let rt = match runtime(config.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start runtime: {e}");

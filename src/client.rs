@@ -20,7 +20,7 @@ use crate::auth;
 use crate::cancel::{CancelKey, CancelTarget};
 use crate::pool::{Lease, Leftover, PoolError, PoolKey};
 use crate::protocol::{self, sqlstate, Severity};
-use crate::relay::{self, RelayEnd, RelayError, Tracker};
+use crate::relay::{self, RelayEnd, RelayError, SessionState, Tracker};
 use crate::startup::{self, FirstPacket, StartupParams};
 
 /// Serves one accepted client connection until it ends. Never panics on client input.
@@ -176,51 +176,84 @@ async fn run_session(app: &App, sock: &mut TcpStream, params: &StartupParams, ke
     drop(out);
 
     let mut cbuf = BytesMut::new();
-    let mut lease = match lease {
-        Some(l) => l,
-        None => {
-            // Wait for the first request without holding a buffer or a backend.
-            if !wait_first_request(app, sock, &mut cbuf).await? {
-                return Ok(());
+    let mut session = SessionState { params: welcome.iter().cloned().collect(), ..SessionState::default() };
+    let mut restore = false;
+    loop {
+        let mut lease = match lease.take() {
+            Some(l) => l,
+            None => {
+                // Wait for the (next) request without holding a buffer or a backend.
+                if !wait_first_request(app, sock, &mut cbuf).await? {
+                    return Ok(());
+                }
+                let mut l = Box::pin(checkout_or_report(app, &pool, &startup_params, sock)).await?.1;
+                if restore {
+                    if let Err(e) = l.conn().restore(&session).await {
+                        tracing::warn!(error = %e, "cannot restore the session on a new backend");
+                        reject(sock, sqlstate::CONNECTION_FAILURE, &format!("cannot restore session after failover: {e}")).await;
+                        Box::pin(l.release(app, Leftover::Broken)).await;
+                        return Ok(());
+                    }
+                    tracing::info!(backend = l.conn().addr, statements = session.prepared.len(), "session restored on a new backend");
+                }
+                l
             }
-            Box::pin(checkout_or_report(app, &pool, &startup_params, sock)).await?.1
+        };
+        let conn = lease.conn();
+        let node = conn.node;
+        key.set_target(Some(CancelTarget { addr: conn.addr.clone(), pid: conn.pid, secret: conn.secret }));
+        let mut tracker = Tracker::default();
+        let result =
+            Box::pin(relay::relay(app, sock, &mut cbuf, &mut lease.conn().stream, &mut tracker, &mut session)).await;
+        key.set_target(None);
+        let backend_gone = matches!(result, Ok(RelayEnd::BackendLost) | Err(RelayError::BackendClosed | RelayError::Backend(_)));
+        if backend_gone {
+            app.suspect(node);
         }
-    };
-    let conn = lease.conn();
-    key.set_target(Some(CancelTarget { addr: conn.addr.clone(), pid: conn.pid, secret: conn.secret }));
-    let mut tracker = Tracker::default();
-    let result = Box::pin(relay::relay(app, sock, &mut cbuf, &mut lease.conn().stream, &mut tracker)).await;
-    key.set_target(None);
-    let leftover = match &result {
-        Err(RelayError::BackendClosed | RelayError::Backend(_) | RelayError::BackendFrame(_)) => Leftover::Broken,
-        _ => tracker.leftover(),
-    };
-    match &result {
-        Ok(RelayEnd::Shutdown) => {
-            reject(sock, sqlstate::ADMIN_SHUTDOWN, "terminating connection because the proxy is shutting down").await
+        if backend_gone && tracker.leftover() == Leftover::Idle {
+            // Between transactions nothing is lost by moving: the client keeps its connection
+            // and its next request runs on a new backend with its statements re-prepared.
+            Box::pin(lease.release(app, Leftover::Broken)).await;
+            app.metrics.sessions_recovered.inc();
+            tracing::info!("backend lost while the client was idle; the session continues at its next request");
+            restore = true;
+            continue;
         }
-        Ok(RelayEnd::IdleTimeout) => {
-            reject(sock, sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to client_idle_timeout").await
+        let leftover = match &result {
+            Err(RelayError::BackendClosed | RelayError::Backend(_) | RelayError::BackendFrame(_)) | Ok(RelayEnd::BackendLost) => {
+                Leftover::Broken
+            }
+            _ => tracker.leftover(),
+        };
+        match &result {
+            Ok(RelayEnd::Shutdown) => {
+                reject(sock, sqlstate::ADMIN_SHUTDOWN, "terminating connection because the proxy is shutting down").await
+            }
+            Ok(RelayEnd::IdleTimeout) => {
+                reject(sock, sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to client_idle_timeout").await
+            }
+            Ok(RelayEnd::BackendLost) | Err(RelayError::BackendClosed | RelayError::Backend(_)) => {
+                // A request was in flight or a transaction open: replaying it elsewhere could
+                // apply a write twice, so the client is told and the session ends.
+                app.metrics.error("backend_lost");
+                reject(sock, sqlstate::CONNECTION_FAILURE, "server connection lost during a transaction or request").await
+            }
+            Err(RelayError::ClientFrame(e)) => {
+                app.metrics.error("bad_client_message");
+                reject(sock, sqlstate::PROTOCOL_VIOLATION, &e.to_string()).await
+            }
+            Err(RelayError::BackendFrame(_)) => {
+                app.metrics.error("bad_backend_message");
+                reject(sock, sqlstate::PROTOCOL_VIOLATION, "invalid message from server").await
+            }
+            Ok(RelayEnd::ClientGone | RelayEnd::ClientTerminated) | Err(RelayError::Client(_)) => {}
         }
-        Err(RelayError::BackendClosed | RelayError::Backend(_)) => {
-            app.metrics.error("backend_lost");
-            reject(sock, sqlstate::CONNECTION_FAILURE, "server connection lost").await
+        if leftover != Leftover::Idle {
+            tracing::debug!(?leftover, "client left its backend unfinished");
         }
-        Err(RelayError::ClientFrame(e)) => {
-            app.metrics.error("bad_client_message");
-            reject(sock, sqlstate::PROTOCOL_VIOLATION, &e.to_string()).await
-        }
-        Err(RelayError::BackendFrame(_)) => {
-            app.metrics.error("bad_backend_message");
-            reject(sock, sqlstate::PROTOCOL_VIOLATION, "invalid message from server").await
-        }
-        Ok(RelayEnd::ClientGone | RelayEnd::ClientTerminated) | Err(RelayError::Client(_)) => {}
+        Box::pin(lease.release(app, leftover)).await;
+        return result.map(|_| ()).map_err(SessionError::from);
     }
-    if leftover != Leftover::Idle {
-        tracing::debug!(?leftover, "client left its backend unfinished");
-    }
-    Box::pin(lease.release(app, leftover)).await;
-    result.map(|_| ()).map_err(SessionError::from)
 }
 
 /// Waits until the client sends something. Returns false if it left (or sent Terminate)

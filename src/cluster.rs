@@ -1,8 +1,10 @@
 //! What the proxy believes about the cluster: each node's address, health and role, and which
 //! node is the primary. Published as an immutable [`ClusterState`] snapshot through arc-swap;
-//! the health task is its only writer, and every routing decision reads it without locks.
+//! the failover manager ([`crate::failover`]) is its only writer, and every routing decision
+//! reads it without locks.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::config::BackendConfig;
@@ -16,17 +18,31 @@ pub enum Role {
     Standby,
 }
 
-/// A node's health and, when it answers, its role.
+/// What one successful health check saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observed {
+    /// The node's role.
+    pub role: Role,
+    /// Current WAL position (primary) or last replayed position (standby).
+    pub lsn: u64,
+    /// Timeline of the WAL being written; 0 for standbys.
+    pub timeline: u32,
+}
+
+/// A node's state as the proxy manages it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeStatus {
     /// Not checked yet.
     Unknown,
-    /// Answered the last check.
+    /// In service with the given role.
     Up(Role),
-    /// Failed the last check.
+    /// Out of service: failed its health checks, was detached, or claimed to be primary while
+    /// another node was. It is never put back in service on its own (an operator attaches it).
     Down {
-        /// When it was first seen failing.
+        /// When it went down.
         since: Instant,
+        /// Why, for status output.
+        reason: String,
     },
 }
 
@@ -40,6 +56,11 @@ impl NodeStatus {
             NodeStatus::Down { .. } => "down",
         }
     }
+
+    /// Whether the node is in service.
+    pub fn is_up(&self) -> bool {
+        matches!(self, NodeStatus::Up(_))
+    }
 }
 
 /// One backend as the proxy sees it.
@@ -47,10 +68,23 @@ impl NodeStatus {
 pub struct Node {
     /// Configured name.
     pub name: String,
-    /// `host:port`.
-    pub addr: String,
-    /// Latest known status.
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Data directory on its host, for hooks.
+    pub data_directory: Option<PathBuf>,
+    /// Managed status.
     pub status: NodeStatus,
+    /// What the last successful check saw, even while the node is down.
+    pub last_seen: Option<Observed>,
+}
+
+impl Node {
+    /// `host:port`.
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
 }
 
 /// A consistent view of the cluster.
@@ -71,62 +105,67 @@ impl ClusterState {
         ClusterState {
             nodes: backends
                 .iter()
-                .map(|b| Node { name: b.name.clone(), addr: format!("{}:{}", b.host, b.port), status: NodeStatus::Unknown })
+                .map(|b| Node {
+                    name: b.name.clone(),
+                    host: b.host.clone(),
+                    port: b.port,
+                    data_directory: b.data_directory.clone(),
+                    status: NodeStatus::Unknown,
+                    last_seen: None,
+                })
                 .collect(),
             primary: None,
             epoch: 0,
         }
     }
 
-    /// Applies the outcome of checking every node and decides the primary.
-    ///
-    /// When several nodes claim to be primary (a promoted standby while the old primary still
-    /// runs), the one already recorded keeps the role so sessions never move on a claim alone;
-    /// if none of them was recorded, the lowest node id wins. The others are reported.
-    pub fn with_observations(&self, observed: &[NodeStatus]) -> ClusterState {
-        let mut next = self.clone();
-        for (node, status) in next.nodes.iter_mut().zip(observed) {
-            node.status = match (node.status, *status) {
-                // Keep the first failure time while a node stays down.
-                (NodeStatus::Down { since }, NodeStatus::Down { .. }) => NodeStatus::Down { since },
-                (_, s) => s,
-            };
-        }
-        let claimants: Vec<usize> = next
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.status == NodeStatus::Up(Role::Primary))
-            .map(|(i, _)| i)
-            .collect();
-        let primary = match self.primary {
-            Some(p) if claimants.contains(&p) => Some(p),
-            _ => claimants.first().copied(),
-        };
-        if claimants.len() > 1 {
-            tracing::warn!(
-                nodes = ?claimants.iter().map(|&i| next.nodes[i].name.as_str()).collect::<Vec<_>>(),
-                chosen = primary.map(|i| next.nodes[i].name.as_str()),
-                "more than one node reports it is not in recovery; only the chosen one gets sessions"
-            );
-        }
-        if primary != self.primary {
-            next.primary = primary;
-            next.epoch = self.epoch + 1;
-        }
-        next
+    /// Address of the primary, if known.
+    pub fn primary_addr(&self) -> Option<(usize, String)> {
+        self.primary.map(|i| (i, self.nodes[i].addr()))
     }
 
-    /// Address of the primary, if known.
-    pub fn primary_addr(&self) -> Option<(usize, &str)> {
-        self.primary.map(|i| (i, self.nodes[i].addr.as_str()))
+    /// Sets the primary, bumping the epoch if it changed.
+    pub fn set_primary(&mut self, primary: Option<usize>) {
+        if self.primary != primary {
+            self.primary = primary;
+            self.epoch += 1;
+        }
+    }
+
+    /// The standby to promote when the primary fails: the in-service standby that has
+    /// replayed the most WAL (lowest id on a tie), so the fewest transactions are lost.
+    pub fn promotion_candidate(&self, failed: usize) -> Option<usize> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| *i != failed && n.status == NodeStatus::Up(Role::Standby))
+            .max_by_key(|(i, n)| (n.last_seen.map(|o| o.lsn).unwrap_or(0), std::cmp::Reverse(*i)))
+            .map(|(i, _)| i)
+    }
+
+    /// Among nodes that claim to be primary, the one to keep: the recorded primary if it is
+    /// among them, else the one on the newest timeline (then furthest WAL, then lowest id).
+    pub fn resolve_claimants(&self, claimants: &[(usize, Observed)]) -> Option<usize> {
+        if let Some(p) = self.primary {
+            if claimants.iter().any(|(i, _)| *i == p) {
+                return Some(p);
+            }
+        }
+        claimants
+            .iter()
+            .max_by_key(|(i, o)| (o.timeline, o.lsn, std::cmp::Reverse(*i)))
+            .map(|(i, _)| *i)
     }
 }
 
 impl fmt::Display for ClusterState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, n) in self.nodes.iter().enumerate() {
-            writeln!(f, "{i}\t{}\t{}\t{}", n.name, n.addr, n.status.name())?;
+            let detail = match &n.status {
+                NodeStatus::Down { reason, .. } => format!("\t{reason}"),
+                _ => String::new(),
+            };
+            writeln!(f, "{i}\t{}\t{}\t{}{detail}", n.name, n.addr(), n.status.name())?;
         }
         Ok(())
     }
@@ -143,33 +182,40 @@ mod tests {
         ClusterState::new(&backends)
     }
 
-    const P: NodeStatus = NodeStatus::Up(Role::Primary);
-    const S: NodeStatus = NodeStatus::Up(Role::Standby);
+    fn obs(role: Role, lsn: u64, timeline: u32) -> Observed {
+        Observed { role, lsn, timeline }
+    }
 
     #[test]
-    fn single_primary_found_and_epoch_bumped() {
-        let s = state(3).with_observations(&[S, P, S]);
-        assert_eq!(s.primary, Some(1));
+    fn epoch_moves_only_when_primary_changes() {
+        let mut s = state(2);
+        s.set_primary(Some(0));
+        s.set_primary(Some(0));
         assert_eq!(s.epoch, 1);
-        let again = s.with_observations(&[S, P, S]);
-        assert_eq!(again.epoch, 1, "no change, no new epoch");
+        s.set_primary(None);
+        s.set_primary(Some(1));
+        assert_eq!(s.epoch, 3);
     }
 
     #[test]
-    fn recorded_primary_wins_over_new_claimant() {
-        let s = state(3).with_observations(&[S, P, S]);
-        let two = s.with_observations(&[P, P, S]);
-        assert_eq!(two.primary, Some(1));
+    fn candidate_is_most_advanced_standby() {
+        let mut s = state(3);
+        for (i, lsn) in [(0, 500), (1, 100), (2, 300)] {
+            s.nodes[i].status = NodeStatus::Up(if i == 0 { Role::Primary } else { Role::Standby });
+            s.nodes[i].last_seen = Some(obs(Role::Standby, lsn, 0));
+        }
+        assert_eq!(s.promotion_candidate(0), Some(2));
+        s.nodes[2].status = NodeStatus::Down { since: Instant::now(), reason: "x".into() };
+        assert_eq!(s.promotion_candidate(0), Some(1));
     }
 
     #[test]
-    fn primary_lost_then_promoted_standby_taken() {
-        let down = NodeStatus::Down { since: Instant::now() };
-        let s = state(2).with_observations(&[P, S]);
-        let lost = s.with_observations(&[down, S]);
-        assert_eq!(lost.primary, None);
-        let promoted = lost.with_observations(&[down, P]);
-        assert_eq!(promoted.primary, Some(1));
-        assert_eq!(promoted.epoch, 3);
+    fn recorded_primary_wins_then_newest_timeline() {
+        let mut s = state(3);
+        s.primary = Some(0);
+        let claims = [(0, obs(Role::Primary, 10, 1)), (1, obs(Role::Primary, 5, 2))];
+        assert_eq!(s.resolve_claimants(&claims), Some(0));
+        s.primary = None;
+        assert_eq!(s.resolve_claimants(&claims), Some(1));
     }
 }

@@ -67,6 +67,10 @@ pub struct Config {
     /// HTTP endpoint for Prometheus `/metrics`; off when absent.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Threads relaying traffic: 1 runs everything on one thread (like PgBouncer, least CPU
+    /// per transaction), 0 uses one per CPU core. Read at start only.
+    #[serde(default = "default_worker_threads")]
+    pub worker_threads: usize,
     /// The PostgreSQL servers of the cluster, in node-id order (pgpool: `backend_*N`).
     pub backends: Vec<BackendConfig>,
     /// Pool sizes, limits and timeouts.
@@ -75,9 +79,12 @@ pub struct Config {
     /// How clients authenticate and where their secrets live.
     #[serde(default)]
     pub auth: AuthConfig,
-    /// How the proxy finds the current primary.
+    /// How every backend is checked, which also finds the current primary.
     #[serde(default)]
-    pub primary_check: PrimaryCheckConfig,
+    pub health_check: HealthCheckConfig,
+    /// What happens when a node fails.
+    #[serde(default)]
+    pub failover: FailoverConfig,
 }
 
 /// One PostgreSQL server.
@@ -178,34 +185,96 @@ impl Default for AuthConfig {
     }
 }
 
-/// Discovery of the current primary with `SELECT pg_is_in_recovery()`.
+/// Health checks: a real login plus `SELECT pg_is_in_recovery()` on every node, which also
+/// tells which node is the primary (pgpool: `health_check_*` and `sr_check_*`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct PrimaryCheckConfig {
-    /// User the proxy logs in as (pgpool: `sr_check_user` / `health_check_user`).
+pub struct HealthCheckConfig {
+    /// User the proxy logs in as (pgpool: `health_check_user`).
     pub user: String,
     /// Its password; may be omitted when the auth file has it or the servers trust the proxy.
     pub password: Option<String>,
-    /// Database to connect to.
+    /// Database to connect to (pgpool: `health_check_database`).
     pub database: String,
-    /// How often every backend is asked.
+    /// Time between checks of a node (pgpool: `health_check_period`).
     #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    /// Deadline for one check (connect, login and query).
+    pub period: Duration,
+    /// Deadline for one attempt: connect, login and query (pgpool: `health_check_timeout`).
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Attempts after a failed one before the node is declared down
+    /// (pgpool: `health_check_max_retries`). A refused connection needs only
+    /// `max_retries_refused` more: a server that refuses connections is not merely slow.
+    pub max_retries: u32,
+    /// Extra attempts after a refused connection or a shutdown error (57P01-57P03).
+    pub max_retries_refused: u32,
+    /// Pause between attempts (pgpool: `health_check_retry_delay`).
+    #[serde(with = "humantime_serde")]
+    pub retry_delay: Duration,
 }
 
-impl Default for PrimaryCheckConfig {
+impl Default for HealthCheckConfig {
     fn default() -> Self {
-        PrimaryCheckConfig {
+        HealthCheckConfig {
             user: "postgres".to_owned(),
             password: None,
             database: "postgres".to_owned(),
-            interval: Duration::from_secs(2),
+            period: Duration::from_secs(2),
             timeout: Duration::from_secs(5),
+            max_retries: 3,
+            max_retries_refused: 1,
+            retry_delay: Duration::from_secs(1),
         }
     }
+}
+
+/// Failover: hooks, primary search, holding clients (pgpool: `failover_command`,
+/// `follow_primary_command`, `search_primary_node_timeout`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// Run when a node fails, with pgpool's placeholders (`%d %h %p %D %m %H %M %P %r %R %N
+    /// %S %%`). For a failed primary it is expected to promote the node given as `%m`.
+    /// Empty: nothing runs, the proxy still waits for some standby to become primary.
+    pub failover_command: String,
+    /// Run for every remaining standby once a new primary is in place, to re-point it
+    /// (`%d` is that standby, `%m`/`%H`/`%r` the new primary).
+    pub follow_primary_command: String,
+    /// Run against a node that claims to be primary while another one is the recorded
+    /// primary (split brain): the place to stop or fence it. Same placeholders, `%d` the node.
+    pub fence_command: String,
+    /// Deadline for each hook; a hook still running then is killed with its process group.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// How long to wait for a new primary after a failover (pgpool:
+    /// `search_primary_node_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub search_primary_timeout: Duration,
+    /// How long new sessions and idle clients' next requests wait for a primary instead of
+    /// failing while none is known.
+    #[serde(with = "humantime_serde")]
+    pub hold_timeout: Duration,
+    /// Where node states and the primary are kept across restarts (pgpool: `pgpool_status`).
+    /// Relative paths are resolved from the config file's directory. Absent: not kept.
+    pub status_file: Option<PathBuf>,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            failover_command: String::new(),
+            follow_primary_command: String::new(),
+            fence_command: String::new(),
+            command_timeout: Duration::from_secs(60),
+            search_primary_timeout: Duration::from_secs(60),
+            hold_timeout: Duration::from_secs(30),
+            status_file: None,
+        }
+    }
+}
+
+fn default_worker_threads() -> usize {
+    1
 }
 
 fn default_pg_port() -> u16 {
@@ -244,9 +313,9 @@ impl Config {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
-        if let Some(file) = &self.auth.file {
+        for file in [&mut self.auth.file, &mut self.failover.status_file].into_iter().flatten() {
             if file.is_relative() {
-                self.auth.file = Some(base.join(file));
+                *file = base.join(&*file);
             }
         }
     }
@@ -289,8 +358,10 @@ impl Config {
             ("pool.checkout_timeout", p.checkout_timeout),
             ("pool.client_login_timeout", p.client_login_timeout),
             ("pool.reset_timeout", p.reset_timeout),
-            ("primary_check.interval", self.primary_check.interval),
-            ("primary_check.timeout", self.primary_check.timeout),
+            ("health_check.period", self.health_check.period),
+            ("health_check.timeout", self.health_check.timeout),
+            ("failover.command_timeout", self.failover.command_timeout),
+            ("failover.search_primary_timeout", self.failover.search_primary_timeout),
         ] {
             if d.is_zero() {
                 return invalid(key, "must be greater than zero".into());
@@ -319,6 +390,9 @@ impl Config {
         }
         if self.metrics_listen != next.metrics_listen {
             changed.push("metrics_listen");
+        }
+        if self.worker_threads != next.worker_threads {
+            changed.push("worker_threads");
         }
         if self.backends != next.backends {
             changed.push("backends");

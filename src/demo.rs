@@ -42,7 +42,7 @@ pub fn run(port: u16, standbys: usize) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let rt = match crate::cli::runtime() {
+    let rt = match crate::cli::runtime(config.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start runtime: {e}");
@@ -88,7 +88,7 @@ fn demo_config(port: u16, cluster: &LocalCluster) -> String {
          backends:\n{backends}\
          pool:\n  pool_size: 20\n\
          auth:\n  method: scram-sha-256\n  file: userlist.txt\n\
-         primary_check:\n  interval: 1s\n"
+         health_check:\n  period: 1s\n"
     )
 }
 

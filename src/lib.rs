@@ -3,7 +3,8 @@
 //! The path of a client's bytes: [`server`] accepts the socket and hands it to [`client`],
 //! which reads the [`startup`] packet, runs [`auth`], borrows a backend from [`pool`]
 //! (opened by [`backend`] on the node [`cluster`] names as primary) and then [`relay`]s
-//! bytes both ways, framed by [`protocol`]. [`health`] keeps the cluster view current;
+//! bytes both ways, framed by [`protocol`]. [`health`] checks every node and [`failover`] turns its reports into the cluster view
+//! (running [`hooks`], persisting [`status_file`]);
 //! [`admin`] and [`metrics`] expose it.
 #![warn(missing_docs)]
 
@@ -17,7 +18,9 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod failover;
 pub mod health;
+pub mod hooks;
 pub mod localcluster;
 pub mod metrics;
 pub mod net;
@@ -27,3 +30,4 @@ pub mod relay;
 pub mod scram;
 pub mod server;
 pub mod startup;
+pub mod status_file;

@@ -2,7 +2,7 @@
 //! proxies in one process. The relay updates plain atomic counters; nothing here allocates
 //! on the hot path.
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::cluster::{ClusterState, NodeStatus, Role};
 
@@ -32,6 +32,18 @@ pub struct Metrics {
     pub backend_up: IntGaugeVec,
     /// 1 for the backend currently used as primary.
     pub backend_primary: IntGaugeVec,
+    /// Failovers started.
+    pub failovers: IntCounter,
+    /// Seconds one health check took.
+    pub health_check_seconds: Histogram,
+    /// Failed health check attempts, by node.
+    pub health_check_failures: IntCounterVec,
+    /// Hook runs, by hook and outcome.
+    pub hook_runs: IntCounterVec,
+    /// Seconds hooks ran, by hook.
+    pub hook_seconds: HistogramVec,
+    /// Client sessions moved to a new backend after theirs was lost while idle.
+    pub sessions_recovered: IntCounter,
 }
 
 impl Metrics {
@@ -61,6 +73,28 @@ impl Metrics {
                 &["node"],
             )
             .expect("valid metric"),
+            failovers: counter("failovers_total", "Failovers started"),
+            health_check_seconds: Histogram::with_opts(
+                HistogramOpts::new("health_check_seconds", "Time one health check took")
+                    .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            )
+            .expect("valid metric"),
+            health_check_failures: IntCounterVec::new(
+                Opts::new("health_check_failures_total", "Failed health check attempts"),
+                &["node"],
+            )
+            .expect("valid metric"),
+            hook_runs: IntCounterVec::new(Opts::new("hook_runs_total", "Hook runs by hook and outcome"), &["hook", "outcome"])
+                .expect("valid metric"),
+            hook_seconds: HistogramVec::new(
+                HistogramOpts::new("hook_seconds", "Time hooks ran").buckets(vec![0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0]),
+                &["hook"],
+            )
+            .expect("valid metric"),
+            sessions_recovered: counter(
+                "sessions_recovered_total",
+                "Client sessions moved to a new backend after theirs was lost while idle",
+            ),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -75,6 +109,12 @@ impl Metrics {
             Box::new(m.errors.clone()),
             Box::new(m.backend_up.clone()),
             Box::new(m.backend_primary.clone()),
+            Box::new(m.failovers.clone()),
+            Box::new(m.health_check_seconds.clone()),
+            Box::new(m.health_check_failures.clone()),
+            Box::new(m.hook_runs.clone()),
+            Box::new(m.hook_seconds.clone()),
+            Box::new(m.sessions_recovered.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

@@ -139,7 +139,10 @@ impl Pool {
             Ok(Err(_)) => return Err(PoolError::Shutdown),
             Err(_) => return Err(PoolError::Timeout(timeout)),
         };
-        let (node, addr, epoch) = app.wait_for_primary(deadline).await.ok_or(PoolError::NoPrimary)?;
+        // During a failover no primary is known: wait for one up to hold_timeout rather than
+        // fail the client.
+        let hold = tokio::time::Instant::now() + config.failover.hold_timeout.max(timeout);
+        let (node, addr, epoch) = app.wait_for_primary(hold).await.ok_or(PoolError::NoPrimary)?;
 
         let reusable = self.take_idle(app, node, epoch, params, config.pool.server_lifetime);
         let mut conn = match reusable {
@@ -153,7 +156,15 @@ impl Pool {
                     params: params.clone(),
                     credential: app.users.load().backend_credential(&self.key.user),
                 };
-                let conn = BackendConn::connect(&spec, epoch, config.pool.connect_timeout).await?;
+                let conn = match BackendConn::connect(&spec, epoch, config.pool.connect_timeout).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        if e.server_error().is_none() {
+                            app.suspect(node);
+                        }
+                        return Err(e.into());
+                    }
+                };
                 self.open.fetch_add(1, Ordering::Relaxed);
                 app.metrics.backends.inc();
                 tracing::debug!(pool = ?self.key, backend_pid = conn.pid, node = conn.addr, "opened backend connection");

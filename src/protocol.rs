@@ -29,6 +29,8 @@ pub mod backend_tag {
     pub const READY_FOR_QUERY: u8 = b'Z';
     /// ErrorResponse.
     pub const ERROR_RESPONSE: u8 = b'E';
+    /// NoticeResponse.
+    pub const NOTICE_RESPONSE: u8 = b'N';
     /// ParameterStatus.
     pub const PARAMETER_STATUS: u8 = b'S';
     /// CopyInResponse.

@@ -12,7 +12,14 @@ use tokio::net::TcpStream;
 
 use crate::app::App;
 use crate::pool::Leftover;
-use crate::protocol::{backend_tag, frontend_tag, FrameError, Framer, Step};
+use crate::protocol::{backend_tag, error_field, frontend_tag, parse_error_fields, parse_parameter_status, FrameError, Framer, Step};
+
+/// Whether an ErrorResponse/NoticeResponse body says the server is ending the connection.
+fn is_termination(body: &[u8]) -> bool {
+    let fields = parse_error_fields(body);
+    matches!(error_field(&fields, b'V').or_else(|| error_field(&fields, b'S')), Some("FATAL" | "PANIC"))
+        || matches!(error_field(&fields, b'C'), Some("57P01" | "57P02" | "57P03"))
+}
 
 /// Free space kept in a buffer before each read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -28,6 +35,45 @@ pub enum RelayEnd {
     IdleTimeout,
     /// The proxy is shutting down and the session reached an idle point.
     Shutdown,
+    /// The backend announced it is going away (an unsolicited FATAL) while the session was
+    /// idle; the message was not forwarded, so the session can continue elsewhere.
+    BackendLost,
+}
+
+/// What a client set up on its backend that a replacement backend must be given: named
+/// prepared statements (their Parse messages, as sent) and reported settings.
+#[derive(Debug, Default)]
+pub struct SessionState {
+    /// Parse messages of named statements, by statement name.
+    pub prepared: std::collections::HashMap<Vec<u8>, bytes::Bytes>,
+    /// Latest ParameterStatus values the client was told.
+    pub params: std::collections::BTreeMap<String, String>,
+}
+
+impl SessionState {
+    /// Records the body of a Parse (`P`) or Close (`C`) message the client sent.
+    fn on_frontend(&mut self, tag: u8, body: &[u8]) {
+        match tag {
+            b'P' => {
+                let name = cstr(body);
+                if !name.is_empty() {
+                    let mut message = Vec::with_capacity(body.len() + 5);
+                    message.push(b'P');
+                    message.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+                    message.extend_from_slice(body);
+                    self.prepared.insert(name.to_vec(), message.into());
+                }
+            }
+            b'C' if body.first() == Some(&b'S') => {
+                self.prepared.remove(cstr(&body[1..]));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn cstr(b: &[u8]) -> &[u8] {
+    &b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]
 }
 
 /// Why the relay failed.
@@ -151,12 +197,18 @@ async fn forward_client(
     cbuf: &mut BytesMut,
     backend: &mut TcpStream,
     tracker: &mut Tracker,
+    session: &mut SessionState,
     max_len: u32,
     stats: &mut LocalStats<'_>,
 ) -> Result<bool, RelayError> {
     let Tracker { client, .. } = tracker;
     let mut framer = std::mem::take(client);
-    let result = framer.scan(cbuf, max_len, |_| false, |tag, _| tracker.on_frontend(tag));
+    let result = framer.scan(cbuf, max_len, |t| t == b'P' || t == b'C', |tag, body| {
+        if tag == b'P' || tag == b'C' {
+            session.on_frontend(tag, body);
+        }
+        tracker.on_frontend(tag)
+    });
     tracker.client = framer;
     let scan = result.map_err(RelayError::ClientFrame)?;
     if scan.forward > 0 {
@@ -175,6 +227,7 @@ pub async fn relay(
     cbuf: &mut BytesMut,
     backend: &mut TcpStream,
     tracker: &mut Tracker,
+    session: &mut SessionState,
 ) -> Result<RelayEnd, RelayError> {
     let config = app.config.load_full();
     let max_len = config.pool.max_message_size;
@@ -182,12 +235,16 @@ pub async fn relay(
     drop(config);
     let mut bbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut stats = LocalStats { metrics: &app.metrics, to_backend: 0, to_client: 0, transactions: 0, events: 0 };
-    if forward_client(cbuf, backend, tracker, max_len, &mut stats).await? {
+    if forward_client(cbuf, backend, tracker, session, max_len, &mut stats).await? {
         return Ok(RelayEnd::ClientTerminated);
     }
     let idle_enabled = !idle_timeout.is_zero();
     let idle_sleep = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle_sleep);
+    // Created once: a cancellation future registers itself with the shared token when first
+    // polled, and re-creating it every iteration would take the token's lock per message.
+    let shutdown = app.shutdown.cancelled();
+    tokio::pin!(shutdown);
     let mut draining = false;
     loop {
         if cbuf.capacity() - cbuf.len() < READ_CHUNK / 4 {
@@ -202,7 +259,7 @@ pub async fn relay(
                 if n == 0 {
                     return Ok(RelayEnd::ClientGone);
                 }
-                if forward_client(cbuf, backend, tracker, max_len, &mut stats).await? {
+                if forward_client(cbuf, backend, tracker, session, max_len, &mut stats).await? {
                     return Ok(RelayEnd::ClientTerminated);
                 }
                 stats.tick();
@@ -216,13 +273,32 @@ pub async fn relay(
                     return Err(RelayError::BackendClosed);
                 }
                 let mut transactions = 0u64;
+                let mut lost = false;
                 let Tracker { backend: framer, outstanding, status, .. } = tracker;
+                let inspect = |t| matches!(t, backend_tag::READY_FOR_QUERY | backend_tag::PARAMETER_STATUS | backend_tag::ERROR_RESPONSE | backend_tag::NOTICE_RESPONSE);
                 let scan = framer
-                    .scan(&bbuf, u32::MAX, |t| t == backend_tag::READY_FOR_QUERY, |tag, body| {
-                        if tag == backend_tag::READY_FOR_QUERY {
-                            *outstanding = outstanding.saturating_sub(1);
-                            *status = body.first().copied().unwrap_or(b'I');
-                            transactions += (*status == b'I') as u64;
+                    .scan(&bbuf, u32::MAX, inspect, |tag, body| {
+                        match tag {
+                            backend_tag::READY_FOR_QUERY => {
+                                *outstanding = outstanding.saturating_sub(1);
+                                *status = body.first().copied().unwrap_or(b'I');
+                                transactions += (*status == b'I') as u64;
+                            }
+                            backend_tag::PARAMETER_STATUS => {
+                                if let Some((k, v)) = parse_parameter_status(body) {
+                                    session.params.insert(k, v);
+                                }
+                            }
+                            // Nothing was asked, yet the server speaks: it is terminating the
+                            // connection (shutdown, crash, administrator). Between transactions
+                            // the session can move to another backend, so the client is not told.
+                            backend_tag::ERROR_RESPONSE | backend_tag::NOTICE_RESPONSE
+                                if *outstanding == 0 && *status == b'I' && is_termination(body) =>
+                            {
+                                lost = true;
+                                return Step::StopBefore;
+                            }
+                            _ => {}
                         }
                         Step::Forward
                     })
@@ -234,6 +310,9 @@ pub async fn relay(
                 }
                 stats.transactions += transactions;
                 stats.tick();
+                if lost {
+                    return Ok(RelayEnd::BackendLost);
+                }
                 if draining && tracker.is_idle() {
                     return Ok(RelayEnd::Shutdown);
                 }
@@ -241,7 +320,7 @@ pub async fn relay(
                     idle_sleep.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                 }
             }
-            _ = app.shutdown.cancelled(), if !draining => {
+            _ = &mut shutdown, if !draining => {
                 draining = true;
                 if tracker.is_idle() {
                     return Ok(RelayEnd::Shutdown);

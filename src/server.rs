@@ -53,7 +53,7 @@ impl Proxy {
         let listener = bind(config.listen)?;
         let admin = config.admin_listen.map(bind).transpose()?;
         let metrics = config.metrics_listen.map(bind).transpose()?;
-        let app = App::new(config, config_path)?;
+        let (app, events) = App::new(config, config_path)?;
         let tasks = TaskTracker::new();
         let local = |l: &TcpListener| l.local_addr().ok();
         let proxy = Proxy {
@@ -63,7 +63,8 @@ impl Proxy {
             app: Arc::clone(&app),
             tasks: tasks.clone(),
         };
-        tasks.spawn(crate::health::run(Arc::clone(&app)));
+        tasks.spawn(crate::failover::run(Arc::clone(&app), events));
+        tasks.spawn(evict_idle(Arc::clone(&app)));
         if let Some(l) = admin {
             tasks.spawn(admin::serve(Arc::clone(&app), l, Endpoint::Admin));
         }
@@ -87,6 +88,20 @@ impl Proxy {
         self.tasks.close();
         if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
             tracing::warn!(?grace, "sessions still open after the shutdown grace period; closing them");
+        }
+    }
+}
+
+/// Closes idle backend connections that aged out or belong to an older primary assignment.
+async fn evict_idle(app: Arc<App>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = app.shutdown.cancelled() => return,
+        }
+        let epoch = app.cluster.load().epoch;
+        for pool in app.pools.all() {
+            pool.evict(&app, epoch);
         }
     }
 }

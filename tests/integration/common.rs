@@ -100,7 +100,7 @@ fn config_text(cluster: &LocalCluster, setup: &Setup) -> String {
          backends:\n{backends}\
          pool:\n{}\
          auth:\n{auth}\
-         primary_check:\n  interval: 500ms\n  timeout: 5s\n",
+         health_check:\n  period: 500ms\n  timeout: 5s\n",
         if setup.pool.contains("checkout_timeout") { setup.pool.to_owned() } else { format!("  checkout_timeout: 60s\n{}", setup.pool) }
     )
 }

@@ -59,3 +59,10 @@ async fn reload_applies_valid_changes_and_keeps_the_old_config_otherwise() {
     assert_eq!(env.proxy.app.config.load().pool.pool_size, 7);
     session.batch_execute("select 1").await.expect("session survived the reload");
 }
+
+#[test]
+fn the_annotated_example_config_is_valid() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/pglifeguard.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_pglifeguard")).arg("check-config").arg(&path).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -1,0 +1,261 @@
+#!/usr/bin/env bash
+# compare.sh -- pgbench pglifeguard side by side with PostgreSQL itself, PgBouncer (session mode)
+# and pgpool-II (load balancing off), on the same 3-node cluster, in one run.
+#
+# Uses the shared bench scripts (cluster.sh, bench.sh, pgbouncer.sh, pgpool.sh, report.py) from
+# $SHARED_BENCH; see benches/README.md. Run as root (the servers run as the postgres OS user).
+#
+# Usage: benches/compare.sh
+#
+# Environment (defaults):
+#   TARGETS="direct pglifeguard pgbouncer pgpool"   which targets, in this order
+#   OUT=/tmp/pglifeguard-bench       results go to $OUT/<timestamp>/; $OUT/latest points at the last run
+#   SHARED_BENCH=<repo>/../shared/bench
+#   BL=/tmp/bl                       where the shared scripts keep the cluster, PgBouncer and pgpool
+#   ROUNDS=1                         repeat the whole target sequence this many times (interleaved,
+#                                    so slow drift of a shared machine hits every target alike)
+#   CLUSTER_DOWN=auto                stop the cluster at the end: auto = only if this script started it,
+#                                    1 = always, 0 = never
+#   PGLIFEGUARD_BIN=<repo>/target/release/pglifeguard   built with `cargo build --release` if missing
+#   PGLIFEGUARD_PORT=6433  PGLIFEGUARD_METRICS_PORT=9187  PGLIFEGUARD_POOL_SIZE=40
+#   POOL_SIZE=$PGLIFEGUARD_POOL_SIZE PgBouncer default_pool_size (pgbouncer.sh reads it)
+#   HC_TIMEOUT=10 HC_RETRIES=3       pgpool-II health check for the run (pgpool.sh defaults 2 / 0 let a
+#                                    CPU-saturated box fail over a healthy primary mid-benchmark)
+#   Passed through to bench.sh: CLIENTS DURATION REPEAT PROTOCOLS WORKLOADS JOBS PGBENCH_EXTRA
+#   (bench.sh defaults: CLIENTS="1 8 32" DURATION=15 REPEAT=1 PROTOCOLS="simple prepared"
+#    WORKLOADS="select tpcb" JOBS=2)
+#
+# Exit status: 0 when every target ran and every pgbench cell succeeded, 1 otherwise.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SHARED_BENCH=${SHARED_BENCH:-$REPO/../shared/bench}
+SHARED_BENCH=$(cd "$SHARED_BENCH" 2>/dev/null && pwd) || { echo "SHARED_BENCH directory not found" >&2; exit 2; }
+TARGETS=${TARGETS:-"direct pglifeguard pgbouncer pgpool"}
+OUT=${OUT:-/tmp/pglifeguard-bench}
+ROUNDS=${ROUNDS:-1}
+CLUSTER_DOWN=${CLUSTER_DOWN:-auto}
+PGLIFEGUARD_BIN=${PGLIFEGUARD_BIN:-$REPO/target/release/pglifeguard}
+PGLIFEGUARD_PORT=${PGLIFEGUARD_PORT:-6433}
+PGLIFEGUARD_METRICS_PORT=${PGLIFEGUARD_METRICS_PORT:-9187}
+PGLIFEGUARD_POOL_SIZE=${PGLIFEGUARD_POOL_SIZE:-40}
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+export BL=${BL:-/tmp/bl}
+export CLIENTS=${CLIENTS:-"1 8 32"} DURATION=${DURATION:-15} REPEAT=${REPEAT:-1}
+export PROTOCOLS=${PROTOCOLS:-"simple prepared"} WORKLOADS=${WORKLOADS:-"select tpcb"} JOBS=${JOBS:-2}
+
+# pgpool.sh reads these; a failover in the middle of a benchmark would measure a split-brain cluster.
+export HC_TIMEOUT=${HC_TIMEOUT:-10} HC_RETRIES=${HC_RETRIES:-3}
+# PgBouncer's pool as large as pglifeguard's (pgbouncer.sh default 20): in session mode, clients
+# beyond the pool wait for a whole session to end, and pgbench -M prepared then stalls until
+# query_wait_timeout at 32 clients.
+export POOL_SIZE=${POOL_SIZE:-$PGLIFEGUARD_POOL_SIZE}
+
+PRIMARY_PORT=55432 STANDBY_PORTS="55433 55434"   # fixed by the shared cluster.sh
+PGBOUNCER_PORT=6432 PGPOOL_PORT=9999              # fixed by pgbouncer.sh / pgpool.sh
+
+say() { echo "[$(date '+%H:%M:%S')] $*" >&2; }
+die() { say "ERROR: $*"; exit 2; }
+
+[ "$(id -u)" = 0 ] || die "run as root (the shared scripts start servers as the postgres user)"
+for s in cluster.sh bench.sh pgbouncer.sh pgpool.sh report.py; do
+  [ -e "$SHARED_BENCH/$s" ] || die "$SHARED_BENCH/$s is missing (set SHARED_BENCH)"
+done
+for t in $TARGETS; do
+  case "$t" in
+    direct|pglifeguard) ;;
+    pgbouncer) command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || die "pgbouncer not installed (apt-get install -y pgbouncer)" ;;
+    pgpool) [ -x /usr/sbin/pgpool ] || die "pgpool-II not installed (apt-get install -y pgpool2)" ;;
+    *) die "unknown target '$t' (known: direct pglifeguard pgbouncer pgpool)" ;;
+  esac
+done
+case " $TARGETS " in
+  *" pglifeguard "*)
+    if [ ! -x "$PGLIFEGUARD_BIN" ]; then
+      say "building $PGLIFEGUARD_BIN"
+      (cd "$REPO" && cargo build --release) || die "cargo build --release failed"
+    fi
+    [ -x "$PGLIFEGUARD_BIN" ] || die "$PGLIFEGUARD_BIN not found" ;;
+esac
+
+RUN_DIR=$OUT/$(date '+%Y%m%d-%H%M%S')
+mkdir -p "$RUN_DIR"
+ln -sfn "$RUN_DIR" "$OUT/latest"
+export RESULTS=$RUN_DIR/results.tsv RAWDIR=$RUN_DIR/raw
+REPORT=$RUN_DIR/report.md
+say "results in $RUN_DIR"
+# Run a private copy: a concurrent `cargo build` must not swap the binary mid-run.
+case " $TARGETS " in
+  *" pglifeguard "*)
+    cp "$PGLIFEGUARD_BIN" "$RUN_DIR/pglifeguard"
+    PGLIFEGUARD_BIN=$RUN_DIR/pglifeguard ;;
+esac
+
+# ---- state owned by this script, torn down on exit ----
+LG_PID=""
+STARTED_CLUSTER=0
+cleanup() {
+  local rc=$?
+  stop_pglifeguard
+  case " $TARGETS " in *" pgbouncer "*) "$SHARED_BENCH/pgbouncer.sh" down || true ;; esac
+  case " $TARGETS " in *" pgpool "*) "$SHARED_BENCH/pgpool.sh" down || true ;; esac
+  if [ "$CLUSTER_DOWN" = 1 ] || { [ "$CLUSTER_DOWN" = auto ] && [ "$STARTED_CLUSTER" = 1 ]; }; then
+    "$SHARED_BENCH/cluster.sh" down || true
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---- cluster ----
+primary_pid_file=$BL/pg0/postmaster.pid
+if ! { [ -f "$primary_pid_file" ] && kill -0 "$(head -1 "$primary_pid_file")" 2>/dev/null; }; then
+  STARTED_CLUSTER=1
+fi
+"$SHARED_BENCH/cluster.sh" up || die "cluster.sh up failed"
+
+# ---- pglifeguard ----
+start_pglifeguard() {
+  local cfg=$RUN_DIR/pglifeguard.yaml log=$RUN_DIR/pglifeguard.log b
+  {
+    echo "listen: 127.0.0.1:$PGLIFEGUARD_PORT"
+    echo "metrics_listen: 127.0.0.1:$PGLIFEGUARD_METRICS_PORT"
+    echo "backends:"
+    echo "  - {name: pg0, host: 127.0.0.1, port: $PRIMARY_PORT}"
+    local i=1; for b in $STANDBY_PORTS; do echo "  - {name: pg$i, host: 127.0.0.1, port: $b}"; i=$((i + 1)); done
+    echo "pool:"
+    echo "  pool_size: $PGLIFEGUARD_POOL_SIZE"
+    echo "auth:"
+    echo "  method: trust"
+    echo "primary_check:"
+    echo "  user: postgres"
+    echo "  interval: 2s"
+  } > "$cfg"
+  # Own subshell + exec: $! is the proxy's own PID.
+  ( ulimit -n 65536 2>/dev/null || true; exec "$PGLIFEGUARD_BIN" run --config "$cfg" ) >>"$log" 2>&1 </dev/null &
+  LG_PID=$!
+  local deadline=$(( $(date +%s) + 30 ))
+  until "$PGBIN/psql" -X -q -A -t -h 127.0.0.1 -p "$PGLIFEGUARD_PORT" -U postgres -d bench \
+          -c 'select count(*) from pgbench_branches' >/dev/null 2>&1; do
+    if ! kill -0 "$LG_PID" 2>/dev/null; then
+      local rc=0; wait "$LG_PID" 2>/dev/null || rc=$?; LG_PID=""
+      say "pglifeguard exited (status $rc) during startup; last log lines:"; tail -n 20 "$log" >&2; return 1
+    fi
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      say "pglifeguard (pid $LG_PID) not serving queries after 30 s; last log lines:"; tail -n 20 "$log" >&2
+      stop_pglifeguard; return 1
+    fi
+    sleep 0.2
+  done
+  say "pglifeguard up on $PGLIFEGUARD_PORT, pid $LG_PID"
+}
+
+stop_pglifeguard() {
+  [ -n "$LG_PID" ] || return 0
+  local p=$LG_PID i; LG_PID=""
+  kill -INT "$p" 2>/dev/null || true
+  for i in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$p" 2>/dev/null; then
+    say "pglifeguard pid $p still running 10 s after SIGINT; sending SIGKILL"
+    kill -KILL "$p" 2>/dev/null || true
+  fi
+  wait "$p" 2>/dev/null || true
+  say "pglifeguard stopped (pid $p)"
+}
+
+# ---- run header (report.py prepends baseline-head.md from the report's directory) ----
+git_rev=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+git -C "$REPO" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || git_rev="$git_rev+dirty"
+{
+  echo "# pglifeguard vs PostgreSQL, PgBouncer, pgpool-II"
+  echo
+  echo "Run $(date '+%Y-%m-%d %H:%M:%S %Z') on $(hostname) ($(nproc) CPUs, load average at start: $(cut -d' ' -f1-3 /proc/loadavg))."
+  echo "pglifeguard $git_rev; $("$PGBIN/postgres" --version); $( (pgbouncer --version 2>/dev/null || /usr/sbin/pgbouncer --version 2>/dev/null) | head -1); $( /usr/sbin/pgpool --version 2>&1 | head -1)."
+  echo
+  echo "pgbench: workloads \`$WORKLOADS\`, protocols \`$PROTOCOLS\`, clients \`$CLIENTS\`, $DURATION s per cell, -j $JOBS, REPEAT=$REPEAT, ROUNDS=$ROUNDS; targets in order: $TARGETS."
+  echo
+  echo "| target | setup |"
+  echo "|---|---|"
+  echo "| direct | PostgreSQL 15 primary 127.0.0.1:$PRIMARY_PORT (no proxy) |"
+  echo "| pglifeguard | 127.0.0.1:$PGLIFEGUARD_PORT, session pooling, pool_size $PGLIFEGUARD_POOL_SIZE, trust, 3 backends (primary found by primary_check) |"
+  echo "| pgbouncer-session | 127.0.0.1:$PGBOUNCER_PORT, pool_mode session, default_pool_size ${POOL_SIZE:-20} (pgbouncer.sh) |"
+  echo "| pgpool-lb_off | 127.0.0.1:$PGPOOL_PORT, streaming replication mode, load_balance_mode off, num_init_children ${NUM_INIT_CHILDREN:-64}, max_pool ${MAX_POOL:-4}, health check timeout $HC_TIMEOUT s / $HC_RETRIES retries (pgpool.sh) |"
+  echo
+  echo "The machine is shared: compare ratios within this run only, not absolute TPS across runs."
+  echo
+} > "$RUN_DIR/baseline-head.md"
+
+# ---- cluster sanity: a target that triggered a failover has measured a different cluster ----
+notes=$RUN_DIR/baseline-extra.md   # report.py appends it to the report
+in_recovery() { "$PGBIN/psql" -X -q -A -t -h 127.0.0.1 -p "$1" -U postgres -d postgres -c 'select pg_is_in_recovery()' 2>/dev/null; }
+cluster_intact() {
+  [ "$(in_recovery "$PRIMARY_PORT")" = f ] || return 1
+  local p; for p in $STANDBY_PORTS; do [ "$(in_recovery "$p")" = t ] || return 1; done
+}
+# Marks rows of target $1 finished at or after time $2 (YYYY-mm-dd HH:MM:SS) as invalid.
+invalidate_rows() {
+  local tmp=$RESULTS.tmp
+  awk -F'\t' -v OFS='\t' -v t="$1" -v since="$2" -v why="$3" \
+    'NR > 1 && $2 == t && $1 >= since { $20 = "invalid: " why } { print }' "$RESULTS" > "$tmp" && mv "$tmp" "$RESULTS"
+}
+check_cluster_after() { # $1 = target, $2 = bench.sh name, $3 = time the target started
+  cluster_intact && return 0
+  local since=$3 why="cluster changed (standby promoted)"
+  if [ "$1" = pgpool ] && [ -f "$BL/pgpool/pgpool.log" ]; then
+    local d; d=$(tail -n +"$((PGPOOL_LOG_LINES + 1))" "$BL/pgpool/pgpool.log" | grep -m1 'starting degeneration' | cut -c1-19)
+    [ -n "$d" ] && { since=$d; why="pgpool-II failed over at $d"; }
+  fi
+  say "WARNING: after target $1 the cluster is no longer primary pg0 + 2 standbys ($why); repairing with cluster.sh up"
+  invalidate_rows "$2" "$since" "$why"
+  echo "- **$2**: $why; its cells that ended after $since ran against a different cluster and are shown as FAILED." >> "$notes"
+  "$SHARED_BENCH/cluster.sh" up || die "cluster.sh up could not repair the cluster"
+  return 1
+}
+
+# ---- targets ----
+failed=0
+PGPOOL_LOG_LINES=0
+run_target() { # $1 = target
+  local t=$1 rc=0 t0 name
+  t0=$(date '+%Y-%m-%d %H:%M:%S')
+  case "$t" in
+    direct)
+      name=direct
+      "$SHARED_BENCH/bench.sh" direct "$PRIMARY_PORT" - "no proxy" || rc=$? ;;
+    pglifeguard)
+      name=pglifeguard
+      start_pglifeguard || { say "target pglifeguard failed to start"; return 1; }
+      "$SHARED_BENCH/bench.sh" pglifeguard "$PGLIFEGUARD_PORT" "$LG_PID" "session pool_size=$PGLIFEGUARD_POOL_SIZE $git_rev" || rc=$?
+      stop_pglifeguard ;;
+    pgbouncer)
+      name=pgbouncer-session
+      "$SHARED_BENCH/pgbouncer.sh" up session || { say "pgbouncer.sh up session failed"; return 1; }
+      local p; p=$(cat "$BL/pgbouncer/pgbouncer.pid")
+      "$SHARED_BENCH/bench.sh" pgbouncer-session "$PGBOUNCER_PORT" "$p" "session default_pool_size=${POOL_SIZE:-20}" || rc=$?
+      "$SHARED_BENCH/pgbouncer.sh" down ;;
+    pgpool)
+      name=pgpool-lb_off
+      PGPOOL_LOG_LINES=$(cat "$BL/pgpool/pgpool.log" 2>/dev/null | wc -l)
+      "$SHARED_BENCH/pgpool.sh" up lb_off || { say "pgpool.sh up lb_off failed"; return 1; }
+      local p; p=$(tr -dc '0-9' < "$BL/pgpool/pgpool.pid")
+      "$SHARED_BENCH/bench.sh" pgpool-lb_off "$PGPOOL_PORT" "$p" "lb_off num_init_children=${NUM_INIT_CHILDREN:-64}" || rc=$?
+      "$SHARED_BENCH/pgpool.sh" down ;;
+  esac
+  [ "$rc" = 0 ] || say "target $t: bench.sh exit status $rc (see the status column)"
+  check_cluster_after "$t" "$name" "$t0" || rc=1
+  return "$rc"
+}
+
+for round in $(seq "$ROUNDS"); do
+  [ "$ROUNDS" = 1 ] || say "=== round $round of $ROUNDS ==="
+  for t in $TARGETS; do
+    say "=== target $t ==="
+    run_target "$t" || failed=1
+  done
+done
+
+python3 "$SHARED_BENCH/report.py" "$RESULTS" "$REPORT" || die "report.py failed"
+say "report: $REPORT"
+cat "$REPORT"
+exit "$failed"

@@ -1,0 +1,386 @@
+//! The failover manager: the one task that changes node states. It takes health reports and
+//! operator commands in order, decides what they mean (node up, node down, primary lost,
+//! split brain), runs the hooks, searches for the new primary, switches routing atomically by
+//! publishing a new cluster snapshot, and keeps the state in the status file.
+//!
+//! Rules that keep writes on exactly one node:
+//! - A node that went down stays down until an operator attaches it; a former primary that
+//!   comes back is never put back in service on its own.
+//! - While a primary is recorded, any other node claiming to be primary is taken out of
+//!   service (and fenced by `fence_command`); sessions never follow a claim alone.
+//! - With no primary recorded, sessions wait (`hold_timeout`) instead of going anywhere.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::app::App;
+use crate::cluster::{ClusterState, NodeStatus, Observed, Role};
+use crate::health::{self, CheckFailure, Report};
+use crate::hooks::{self, HookNodes, HookOutcome};
+use crate::status_file;
+
+/// Something the manager must act on.
+#[derive(Debug)]
+pub enum Event {
+    /// A health check result.
+    Report(Report),
+    /// Operator: take a node out of service.
+    Detach(usize, oneshot::Sender<Result<(), String>>),
+    /// Operator: put a node back in service (it is checked first).
+    Attach(usize, oneshot::Sender<Result<(), String>>),
+}
+
+/// Runs the manager until shutdown. Spawns the per-node health checkers.
+pub async fn run(app: Arc<App>, mut events: mpsc::Receiver<Event>) {
+    let mut manager = Manager { app: Arc::clone(&app), fenced: HashSet::new() };
+    manager.initial_discovery().await;
+    let nodes = app.cluster.load().nodes.len();
+    for node in 0..nodes {
+        let tx = app.events.clone();
+        let app = Arc::clone(&app);
+        tokio::spawn(async move {
+            let (rtx, mut rrx) = mpsc::channel(1);
+            let checker = tokio::spawn(health::run_checker(Arc::clone(&app), node, rtx));
+            while let Some(report) = rrx.recv().await {
+                if tx.send(Event::Report(report)).await.is_err() {
+                    break;
+                }
+            }
+            checker.abort();
+        });
+    }
+    loop {
+        tokio::select! {
+            e = events.recv() => match e {
+                Some(e) => manager.handle(e).await,
+                None => return,
+            },
+            _ = app.shutdown.cancelled() => return,
+        }
+    }
+}
+
+struct Manager {
+    app: Arc<App>,
+    /// Nodes already fenced for their current false claim, so the hook runs once per claim.
+    fenced: HashSet<usize>,
+}
+
+impl Manager {
+    fn snapshot(&self) -> ClusterState {
+        (*self.app.cluster.load_full()).clone()
+    }
+
+    fn publish(&self, next: ClusterState) {
+        let current = self.app.cluster.load_full();
+        if *current == next {
+            return;
+        }
+        for (n, old) in next.nodes.iter().zip(&current.nodes) {
+            if n.status.name() != old.status.name() {
+                tracing::info!(node = n.name, addr = n.addr(), from = old.status.name(), to = n.status.name(), "node status changed");
+            }
+        }
+        if next.primary != current.primary {
+            match next.primary_addr() {
+                Some((_, addr)) => tracing::info!(primary = addr, epoch = next.epoch, "routing sessions to new primary"),
+                None => tracing::warn!(epoch = next.epoch, "no primary: sessions wait for one"),
+            }
+        }
+        if let Some(path) = &self.app.config.load().failover.status_file {
+            if let Err(e) = status_file::save(path, &next) {
+                tracing::error!(error = %e, path = %path.display(), "cannot write status file");
+            }
+        }
+        self.app.set_cluster(next);
+    }
+
+    /// First look at the cluster: restores the status file, checks every node once, and
+    /// picks the primary.
+    async fn initial_discovery(&mut self) {
+        let mut next = self.snapshot();
+        let config = self.app.config.load_full();
+        let saved = config.failover.status_file.as_deref().and_then(|p| match status_file::load(p) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read status file; starting without it");
+                None
+            }
+        });
+        let mut preferred = None;
+        if let Some(saved) = &saved {
+            for (i, n) in next.nodes.iter_mut().enumerate() {
+                if saved.down.contains(&n.name) {
+                    n.status = NodeStatus::Down { since: Instant::now(), reason: "down in status file".into() };
+                }
+                if saved.primary.as_deref() == Some(n.name.as_str()) {
+                    preferred = Some(i);
+                }
+            }
+            tracing::info!(primary = ?saved.primary, down = ?saved.down, "restored node states from the status file");
+        }
+        let checks = (0..next.nodes.len()).map(|i| health::check_once(&self.app, i));
+        let results = futures_util::future::join_all(checks).await;
+        next.primary = preferred;
+        let mut claimants = Vec::new();
+        for (i, r) in results.into_iter().enumerate() {
+            if let Ok(o) = r {
+                next.nodes[i].last_seen = Some(o);
+                if next.nodes[i].status == NodeStatus::Unknown {
+                    next.nodes[i].status = NodeStatus::Up(o.role);
+                    if o.role == Role::Primary {
+                        claimants.push((i, o));
+                    }
+                }
+            }
+        }
+        let chosen = next.resolve_claimants(&claimants);
+        next.primary = None;
+        next.set_primary(chosen);
+        self.publish(next);
+        for (i, o) in claimants {
+            if Some(i) != chosen {
+                self.split_brain(i, o).await;
+            }
+        }
+    }
+
+    async fn handle(&mut self, event: Event) {
+        match event {
+            Event::Report(r) => self.on_report(r).await,
+            Event::Detach(node, reply) => {
+                let _ = reply.send(self.detach(node).await);
+            }
+            Event::Attach(node, reply) => {
+                let _ = reply.send(self.attach(node).await);
+            }
+        }
+    }
+
+    async fn on_report(&mut self, report: Report) {
+        let node = report.node;
+        let mut next = self.snapshot();
+        let status = next.nodes[node].status.clone();
+        match (status, report.result) {
+            (NodeStatus::Down { .. }, Ok(o)) => {
+                next.nodes[node].last_seen = Some(o);
+                self.publish(next);
+                if o.role == Role::Primary && !self.fenced.contains(&node) {
+                    tracing::warn!(node = self.app.node_name(node), "a node that is out of service claims to be primary; it gets no sessions");
+                    self.fence(node).await;
+                }
+            }
+            (NodeStatus::Down { .. }, Err(_)) => {
+                self.fenced.remove(&node);
+            }
+            (_, Ok(o)) => {
+                next.nodes[node].last_seen = Some(o);
+                match (o.role, next.primary) {
+                    (Role::Primary, Some(p)) if p != node => {
+                        self.publish(next);
+                        self.split_brain(node, o).await;
+                        return;
+                    }
+                    (Role::Primary, None) => {
+                        tracing::info!(node = self.app.node_name(node), "node reports it is primary; taking it as primary");
+                        next.nodes[node].status = NodeStatus::Up(Role::Primary);
+                        next.set_primary(Some(node));
+                    }
+                    (Role::Standby, Some(p)) if p == node => {
+                        tracing::warn!(node = self.app.node_name(node), "the primary is in recovery now; sessions wait for a primary");
+                        next.nodes[node].status = NodeStatus::Up(Role::Standby);
+                        next.set_primary(None);
+                    }
+                    (role, _) => next.nodes[node].status = NodeStatus::Up(role),
+                }
+                self.publish(next);
+            }
+            (_, Err(failure)) => self.on_failure(next, node, failure).await,
+        }
+    }
+
+    async fn on_failure(&mut self, mut next: ClusterState, node: usize, failure: CheckFailure) {
+        let reason = match &failure {
+            CheckFailure::Gone(e) | CheckFailure::Other(e) => format!("health check failed: {e}"),
+            CheckFailure::Timeout => "health check timed out".to_owned(),
+        };
+        tracing::error!(node = self.app.node_name(node), reason, "node is down");
+        let was_primary = next.primary == Some(node);
+        next.nodes[node].status = NodeStatus::Down { since: Instant::now(), reason };
+        if was_primary {
+            next.set_primary(None);
+            self.publish(next);
+            self.fail_over(node).await;
+        } else {
+            let primary = next.primary;
+            self.publish(next.clone());
+            // pgpool runs failover_command for a failed standby too; routing is unaffected.
+            let nodes = HookNodes { node, new_main: primary, old_main: primary, old_primary: primary };
+            self.run_hook("failover_command", &self.app.config.load().failover.failover_command.clone(), &next, nodes).await;
+        }
+    }
+
+    /// The primary failed: promote (through the hook), find the new primary, switch, re-point
+    /// the other standbys.
+    async fn fail_over(&mut self, failed: usize) {
+        let started = Instant::now();
+        self.app.metrics.failovers.inc();
+        let state = self.snapshot();
+        let candidate = state.promotion_candidate(failed);
+        tracing::warn!(
+            failed = self.app.node_name(failed),
+            candidate = candidate.map(|c| self.app.node_name(c)),
+            "primary failed; failing over"
+        );
+        let config = self.app.config.load_full();
+        let nodes = HookNodes { node: failed, new_main: candidate, old_main: Some(failed), old_primary: Some(failed) };
+        self.run_hook("failover_command", &config.failover.failover_command, &state, nodes).await;
+
+        let Some((chosen, observed)) = self.search_primary(candidate).await else {
+            tracing::error!(
+                timeout = ?config.failover.search_primary_timeout,
+                "no node became primary; sessions keep waiting until a health check finds one"
+            );
+            return;
+        };
+        let mut next = self.snapshot();
+        for (i, o) in &observed {
+            next.nodes[*i].last_seen = Some(*o);
+            if next.nodes[*i].status.is_up() || next.nodes[*i].status == NodeStatus::Unknown {
+                next.nodes[*i].status = NodeStatus::Up(o.role);
+            }
+        }
+        next.set_primary(Some(chosen));
+        self.publish(next.clone());
+        tracing::warn!(primary = self.app.node_name(chosen), elapsed = ?started.elapsed(), "failover complete: writes go to the new primary");
+        for (i, o) in observed {
+            if i != chosen && o.role == Role::Primary {
+                self.split_brain(i, o).await;
+            }
+        }
+
+        // Re-point every other standby that is in service.
+        let standbys: Vec<usize> = next
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| *i != chosen && n.status == NodeStatus::Up(Role::Standby))
+            .map(|(i, _)| i)
+            .collect();
+        for s in standbys {
+            let nodes = HookNodes { node: s, new_main: Some(chosen), old_main: Some(failed), old_primary: Some(failed) };
+            let state = self.snapshot();
+            let outcome = self.run_hook("follow_primary_command", &config.failover.follow_primary_command, &state, nodes).await;
+            if !matches!(outcome, None | Some(HookOutcome::Success)) {
+                let mut next = self.snapshot();
+                next.nodes[s].status = NodeStatus::Down { since: Instant::now(), reason: "follow_primary_command failed".into() };
+                self.publish(next);
+            }
+        }
+    }
+
+    /// Polls every in-service node until one reports it is primary (preferring `candidate`).
+    async fn search_primary(&self, candidate: Option<usize>) -> Option<(usize, Vec<(usize, Observed)>)> {
+        let timeout = self.app.config.load().failover.search_primary_timeout;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let state = self.snapshot();
+            let live: Vec<usize> = (0..state.nodes.len()).filter(|&i| !matches!(state.nodes[i].status, NodeStatus::Down { .. })).collect();
+            let results = futures_util::future::join_all(live.iter().map(|&i| health::check_once(&self.app, i))).await;
+            let observed: Vec<(usize, Observed)> =
+                live.iter().zip(results).filter_map(|(&i, r)| r.ok().map(|o| (i, o))).collect();
+            let claimants: Vec<(usize, Observed)> = observed.iter().copied().filter(|(_, o)| o.role == Role::Primary).collect();
+            let chosen = match candidate {
+                Some(c) if claimants.iter().any(|(i, _)| *i == c) => Some(c),
+                _ => state.resolve_claimants(&claimants),
+            };
+            if let Some(c) = chosen {
+                return Some((c, observed));
+            }
+            if Instant::now() >= deadline || self.app.shutdown.is_cancelled() {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn split_brain(&mut self, node: usize, observed: Observed) {
+        let mut next = self.snapshot();
+        let primary = next.primary.map(|p| self.app.node_name(p)).unwrap_or_default();
+        tracing::error!(
+            node = self.app.node_name(node),
+            primary,
+            timeline = observed.timeline,
+            "split brain: a second node claims to be primary; taking it out of service"
+        );
+        self.app.metrics.error("split_brain");
+        next.nodes[node].last_seen = Some(observed);
+        next.nodes[node].status =
+            NodeStatus::Down { since: Instant::now(), reason: format!("claimed primary while {primary} is primary") };
+        self.publish(next);
+        self.fence(node).await;
+    }
+
+    async fn fence(&mut self, node: usize) {
+        self.fenced.insert(node);
+        let state = self.snapshot();
+        let nodes = HookNodes { node, new_main: state.primary, old_main: state.primary, old_primary: state.primary };
+        let cmd = self.app.config.load().failover.fence_command.clone();
+        self.run_hook("fence_command", &cmd, &state, nodes).await;
+    }
+
+    async fn run_hook(&self, name: &str, template: &str, state: &ClusterState, nodes: HookNodes) -> Option<HookOutcome> {
+        if template.trim().is_empty() {
+            return None;
+        }
+        let command = hooks::expand(template, state, nodes);
+        let timeout = self.app.config.load().failover.command_timeout;
+        let (outcome, took) = hooks::run(name, &command, timeout).await;
+        self.app.metrics.hook_runs.with_label_values(&[name, outcome.label()]).inc();
+        self.app.metrics.hook_seconds.with_label_values(&[name]).observe(took.as_secs_f64());
+        Some(outcome)
+    }
+
+    async fn detach(&mut self, node: usize) -> Result<(), String> {
+        let mut next = self.snapshot();
+        if node >= next.nodes.len() {
+            return Err(format!("no node {node}"));
+        }
+        if matches!(next.nodes[node].status, NodeStatus::Down { .. }) {
+            return Ok(());
+        }
+        let was_primary = next.primary == Some(node);
+        next.nodes[node].status = NodeStatus::Down { since: Instant::now(), reason: "detached by operator".into() };
+        if was_primary {
+            next.set_primary(None);
+            self.publish(next);
+            self.fail_over(node).await;
+        } else {
+            self.publish(next);
+        }
+        Ok(())
+    }
+
+    async fn attach(&mut self, node: usize) -> Result<(), String> {
+        if node >= self.snapshot().nodes.len() {
+            return Err(format!("no node {node}"));
+        }
+        let observed = health::check_once(&self.app, node).await.map_err(|e| format!("node does not answer: {e:?}"))?;
+        let mut next = self.snapshot();
+        match (observed.role, next.primary) {
+            (Role::Primary, Some(p)) if p != node => {
+                return Err(format!("node claims to be primary while {} is primary; not attached", self.app.node_name(p)));
+            }
+            (Role::Primary, _) => next.set_primary(Some(node)),
+            _ => {}
+        }
+        self.fenced.remove(&node);
+        next.nodes[node].last_seen = Some(observed);
+        next.nodes[node].status = NodeStatus::Up(observed.role);
+        self.publish(next);
+        Ok(())
+    }
+}
