@@ -18,6 +18,7 @@
 #                                    1 = always, 0 = never
 #   PGLIFEGUARD_BIN=<repo>/target/release/pglifeguard   built with `cargo build --release` if missing
 #   PGLIFEGUARD_PORT=6433  PGLIFEGUARD_METRICS_PORT=9187  PGLIFEGUARD_POOL_SIZE=40
+#   PGLIFEGUARD_WORKERS=1            worker_threads (1 = single-threaded, 0 = one per core)
 #   POOL_SIZE=$PGLIFEGUARD_POOL_SIZE PgBouncer default_pool_size (pgbouncer.sh reads it)
 #   HC_TIMEOUT=10 HC_RETRIES=3       pgpool-II health check for the run (pgpool.sh defaults 2 / 0 let a
 #                                    CPU-saturated box fail over a healthy primary mid-benchmark)
@@ -39,6 +40,7 @@ PGLIFEGUARD_BIN=${PGLIFEGUARD_BIN:-$REPO/target/release/pglifeguard}
 PGLIFEGUARD_PORT=${PGLIFEGUARD_PORT:-6433}
 PGLIFEGUARD_METRICS_PORT=${PGLIFEGUARD_METRICS_PORT:-9187}
 PGLIFEGUARD_POOL_SIZE=${PGLIFEGUARD_POOL_SIZE:-40}
+PGLIFEGUARD_WORKERS=${PGLIFEGUARD_WORKERS:-1}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 export BL=${BL:-/tmp/bl}
 export CLIENTS=${CLIENTS:-"1 8 32"} DURATION=${DURATION:-15} REPEAT=${REPEAT:-1}
@@ -128,9 +130,10 @@ start_pglifeguard() {
     echo "  pool_size: $PGLIFEGUARD_POOL_SIZE"
     echo "auth:"
     echo "  method: trust"
-    echo "primary_check:"
+    echo "worker_threads: $PGLIFEGUARD_WORKERS"
+    echo "health_check:"
     echo "  user: postgres"
-    echo "  interval: 2s"
+    echo "  period: 2s"
   } > "$cfg"
   # Own subshell + exec: $! is the proxy's own PID.
   ( ulimit -n 65536 2>/dev/null || true; exec "$PGLIFEGUARD_BIN" run --config "$cfg" ) >>"$log" 2>&1 </dev/null &
@@ -178,7 +181,7 @@ git -C "$REPO" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || git_rev="$git_
   echo "| target | setup |"
   echo "|---|---|"
   echo "| direct | PostgreSQL 15 primary 127.0.0.1:$PRIMARY_PORT (no proxy) |"
-  echo "| pglifeguard | 127.0.0.1:$PGLIFEGUARD_PORT, session pooling, pool_size $PGLIFEGUARD_POOL_SIZE, trust, 3 backends (primary found by primary_check) |"
+  echo "| pglifeguard | 127.0.0.1:$PGLIFEGUARD_PORT, session pooling, pool_size $PGLIFEGUARD_POOL_SIZE, trust, 3 backends (primary found by health_check), worker_threads $PGLIFEGUARD_WORKERS |"
   echo "| pgbouncer-session | 127.0.0.1:$PGBOUNCER_PORT, pool_mode session, default_pool_size ${POOL_SIZE:-20} (pgbouncer.sh) |"
   echo "| pgpool-lb_off | 127.0.0.1:$PGPOOL_PORT, streaming replication mode, load_balance_mode off, num_init_children ${NUM_INIT_CHILDREN:-64}, max_pool ${MAX_POOL:-4}, health check timeout $HC_TIMEOUT s / $HC_RETRIES retries (pgpool.sh) |"
   echo

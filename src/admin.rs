@@ -1,5 +1,5 @@
 //! A minimal HTTP/1.0 endpoint for operators and probes: `/metrics` (Prometheus text format),
-//! `/status` (nodes and pools) and `/health`. It reads snapshots only, never a pooled backend,
+//! `/status` (nodes and pools), `/health`, and `POST /nodes/<id>/attach|detach`. It reads snapshots only, never a pooled backend,
 //! so it answers even when every pool is exhausted.
 
 use std::fmt::Write as _;
@@ -52,7 +52,16 @@ async fn handle(app: &App, mut sock: TcpStream, endpoint: Endpoint) -> std::io::
         req.extend_from_slice(&chunk[..n]);
     }
     let line = String::from_utf8_lossy(&req);
-    let path = line.split_whitespace().nth(1).unwrap_or("/");
+    let mut words = line.split_whitespace();
+    let method = words.next().unwrap_or("GET");
+    let path = words.next().unwrap_or("/");
+    if endpoint == Endpoint::Admin && method == "POST" {
+        let (status, body) = node_command(app, path).await;
+        let head = format!("HTTP/1.0 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+        sock.write_all(head.as_bytes()).await?;
+        sock.write_all(body.as_bytes()).await?;
+        return sock.shutdown().await;
+    }
     let (status, ctype, body) = match (endpoint, path) {
         (_, "/metrics") => ("200 OK", "text/plain; version=0.0.4", app.metrics.render()),
         (Endpoint::Admin, "/status") => ("200 OK", "text/plain", status_text(app).into_bytes()),
@@ -69,6 +78,33 @@ async fn handle(app: &App, mut sock: TcpStream, endpoint: Endpoint) -> std::io::
     sock.write_all(head.as_bytes()).await?;
     sock.write_all(&body).await?;
     sock.shutdown().await
+}
+
+/// `POST /nodes/<id>/attach` and `POST /nodes/<id>/detach`, carried out by the failover
+/// manager so they are ordered with health events.
+async fn node_command(app: &App, path: &str) -> (&'static str, String) {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (node, action) = match parts.as_slice() {
+        ["nodes", id, action] => match id.parse::<usize>() {
+            Ok(n) => (n, *action),
+            Err(_) => return ("400 Bad Request", format!("bad node id {id}\n")),
+        },
+        _ => return ("404 Not Found", "not found\n".to_owned()),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let event = match action {
+        "attach" => crate::failover::Event::Attach(node, tx),
+        "detach" => crate::failover::Event::Detach(node, tx),
+        _ => return ("404 Not Found", format!("unknown action {action}\n")),
+    };
+    if app.events.send(event).await.is_err() {
+        return ("503 Service Unavailable", "shutting down\n".to_owned());
+    }
+    match tokio::time::timeout(Duration::from_secs(300), rx).await {
+        Ok(Ok(Ok(()))) => ("200 OK", format!("node {node} {action}ed\n")),
+        Ok(Ok(Err(e))) => ("409 Conflict", format!("{e}\n")),
+        _ => ("504 Gateway Timeout", "no answer from the failover manager\n".to_owned()),
+    }
 }
 
 /// Human-readable state: nodes, then pools.

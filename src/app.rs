@@ -135,6 +135,22 @@ impl App {
         }
     }
 
+    /// Waits until the cluster epoch differs from `epoch` (a failover decided something) or
+    /// `deadline` passes; returns whether it changed.
+    pub async fn wait_for_epoch_change(&self, epoch: u64, deadline: tokio::time::Instant) -> bool {
+        let mut changes = self.cluster_changed.subscribe();
+        loop {
+            if self.cluster.load().epoch != epoch {
+                return true;
+            }
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return false },
+                _ = tokio::time::sleep_until(deadline) => return false,
+                _ = self.shutdown.cancelled() => return false,
+            }
+        }
+    }
+
     /// Takes a client slot if `max_client_connections` allows; the guard gives it back.
     pub fn admit_client(self: &Arc<Self>) -> Option<ClientSlot> {
         let max = self.config.load().pool.max_client_connections;

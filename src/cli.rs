@@ -44,6 +44,15 @@ pub enum Command {
         #[arg(long, default_value_t = 2)]
         standbys: usize,
     },
+    /// Talk to a running proxy's admin endpoint.
+    Ctl {
+        /// Admin address (`admin_listen` of the proxy).
+        #[arg(long, default_value = "127.0.0.1:9631")]
+        admin: String,
+        /// `status`, `attach N` or `detach N`.
+        #[arg(num_args = 1..=2, required = true)]
+        command: Vec<String>,
+    },
     /// Print an auth-file line for a user: a SCRAM-SHA-256 verifier (or md5 hash).
     Passwd {
         /// User name.
@@ -65,6 +74,7 @@ pub fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::Demo { port, standbys } => crate::demo::run(port, standbys),
         Command::Passwd { user, password, md5 } => passwd(&user, password, md5),
+        Command::Ctl { admin, command } => ctl(&admin, &command),
     }
 }
 
@@ -181,4 +191,45 @@ fn passwd(user: &str, password: Option<String>, md5: bool) -> ExitCode {
     };
     println!("\"{}\" \"{}\"", user.replace('"', "\"\""), secret);
     ExitCode::SUCCESS
+}
+
+fn ctl(admin: &str, command: &[String]) -> ExitCode {
+    let request = match command {
+        [c] if c == "status" => "GET /status".to_owned(),
+        [c, n] if c == "attach" || c == "detach" => format!("POST /nodes/{n}/{c}"),
+        _ => {
+            eprintln!("usage: pglifeguard ctl [--admin ADDR] status | attach N | detach N");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: std::io::Result<String> = rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(admin).await?;
+        s.write_all(format!("{request} HTTP/1.0\r\n\r\n").as_bytes()).await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out)
+    });
+    match result {
+        Ok(reply) => {
+            let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+            print!("{body}");
+            if head.starts_with("HTTP/1.0 200") {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("cannot reach the admin endpoint at {admin}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

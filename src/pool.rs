@@ -142,33 +142,36 @@ impl Pool {
         // During a failover no primary is known: wait for one up to hold_timeout rather than
         // fail the client.
         let hold = tokio::time::Instant::now() + config.failover.hold_timeout.max(timeout);
-        let (node, addr, epoch) = app.wait_for_primary(hold).await.ok_or(PoolError::NoPrimary)?;
-
-        let reusable = self.take_idle(app, node, epoch, params, config.pool.server_lifetime);
-        let mut conn = match reusable {
-            Some(conn) => conn,
-            None => {
-                let spec = ConnectSpec {
-                    node,
-                    addr,
-                    user: self.key.user.clone(),
-                    database: self.key.database.clone(),
-                    params: params.clone(),
-                    credential: app.users.load().backend_credential(&self.key.user),
-                };
-                let conn = match BackendConn::connect(&spec, epoch, config.pool.connect_timeout).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        if e.server_error().is_none() {
-                            app.suspect(node);
-                        }
+        let mut conn = loop {
+            let (node, addr, epoch) = app.wait_for_primary(hold).await.ok_or(PoolError::NoPrimary)?;
+            if let Some(conn) = self.take_idle(app, node, epoch, params, config.pool.server_lifetime) {
+                break conn;
+            }
+            let spec = ConnectSpec {
+                node,
+                addr,
+                user: self.key.user.clone(),
+                database: self.key.database.clone(),
+                params: params.clone(),
+                credential: app.users.load().backend_credential(&self.key.user),
+            };
+            match BackendConn::connect(&spec, epoch, config.pool.connect_timeout).await {
+                Ok(conn) => {
+                    self.open.fetch_add(1, Ordering::Relaxed);
+                    app.metrics.backends.inc();
+                    tracing::debug!(pool = ?self.key, backend_pid = conn.pid, node = conn.addr, "opened backend connection");
+                    break conn;
+                }
+                Err(e) if node_is_failing(&e) => {
+                    // The primary looks gone: have it checked now, and wait (within the hold
+                    // time) for the failover manager to decide, instead of failing the client.
+                    tracing::info!(error = %e, "primary unreachable; waiting for the cluster to settle");
+                    app.suspect(node);
+                    if !app.wait_for_epoch_change(epoch, hold).await {
                         return Err(e.into());
                     }
-                };
-                self.open.fetch_add(1, Ordering::Relaxed);
-                app.metrics.backends.inc();
-                tracing::debug!(pool = ?self.key, backend_pid = conn.pid, node = conn.addr, "opened backend connection");
-                conn
+                }
+                Err(e) => return Err(e.into()),
             }
         };
         if conn.startup != *params {
@@ -268,6 +271,16 @@ impl Pool {
                 }
             });
         }
+    }
+}
+
+/// Whether a connect error says the node itself is failing (as opposed to, say, a wrong
+/// password): refused or reset connections, and PostgreSQL's shutdown/startup errors.
+fn node_is_failing(e: &BackendError) -> bool {
+    match e {
+        BackendError::Io { .. } | BackendError::Timeout { .. } => true,
+        BackendError::Server { error, .. } => matches!(error.code(), "57P01" | "57P02" | "57P03"),
+        _ => false,
     }
 }
 

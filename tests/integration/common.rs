@@ -25,21 +25,39 @@ pub struct Setup {
     pub auth: String,
     /// Contents of the users file (written next to the config).
     pub users: String,
+    /// `failover:` section body; defaults when empty.
+    pub failover: String,
 }
 
 impl Default for Setup {
     fn default() -> Self {
-        Setup { cluster: ClusterOptions::default(), pool: "", auth: String::new(), users: String::new() }
+        Setup { cluster: ClusterOptions::default(), pool: "", auth: String::new(), users: String::new(), failover: String::new() }
     }
 }
 
 impl Env {
+    /// Starts a second proxy with the same config file (as after a restart of the first).
+    pub async fn restart_proxy(&mut self) {
+        self.proxy.app.shutdown.cancel();
+        let config = Config::load(&self.config_path).expect("valid config");
+        let replacement = Proxy::start(config, Some(self.config_path.clone())).await.expect("restart proxy");
+        let old = std::mem::replace(&mut self.proxy, replacement);
+        old.shutdown(Duration::from_secs(5)).await;
+    }
+
     /// Starts a primary-only cluster and a trust-auth proxy.
     pub async fn start_default() -> Env {
         Env::start(Setup::default()).await
     }
 
     pub async fn start(setup: Setup) -> Env {
+        // RUST_LOG=debug shows the proxy's side of a failure next to the test's.
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
         let cluster = LocalCluster::start(&setup.cluster).expect("start cluster");
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("pglifeguard.yaml");
@@ -92,7 +110,12 @@ impl Drop for Env {
 fn config_text(cluster: &LocalCluster, setup: &Setup) -> String {
     let mut backends = String::new();
     for n in &cluster.nodes {
-        backends.push_str(&format!("  - name: {}\n    host: 127.0.0.1\n    port: {}\n", n.name, n.port));
+        backends.push_str(&format!(
+            "  - name: {}\n    host: 127.0.0.1\n    port: {}\n    data_directory: {}\n",
+            n.name,
+            n.port,
+            n.data_dir.display()
+        ));
     }
     let auth = if setup.auth.is_empty() { "  method: trust\n".to_owned() } else { setup.auth.clone() };
     format!(
@@ -100,8 +123,10 @@ fn config_text(cluster: &LocalCluster, setup: &Setup) -> String {
          backends:\n{backends}\
          pool:\n{}\
          auth:\n{auth}\
-         health_check:\n  period: 500ms\n  timeout: 5s\n",
-        if setup.pool.contains("checkout_timeout") { setup.pool.to_owned() } else { format!("  checkout_timeout: 60s\n{}", setup.pool) }
+         health_check:\n  period: 500ms\n  timeout: 5s\n\
+         failover:\n  status_file: status\n{}",
+        if setup.pool.contains("checkout_timeout") { setup.pool.to_owned() } else { format!("  checkout_timeout: 60s\n{}", setup.pool) },
+        setup.failover
     )
 }
 

@@ -56,13 +56,6 @@ async fn require_java_and_pgjdbc() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgjdbc_through_the_proxy() {
-    // RUST_LOG=debug shows the proxy's side of a failure next to the Java exception.
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-    }
     require_java_and_pgjdbc().await;
     let env = Env::start_default().await;
 
