@@ -44,6 +44,13 @@ pub enum Command {
         #[arg(long, default_value_t = 2)]
         standbys: usize,
     },
+    /// Failover drill on a throwaway cluster: write load and idle sessions through the proxy,
+    /// kill the primary, report timings, client errors and lost commits.
+    Drill {
+        /// Number of standbys (synchronous replication).
+        #[arg(long, default_value_t = 2)]
+        standbys: usize,
+    },
     /// Talk to a running proxy's admin endpoint.
     Ctl {
         /// Admin address (`admin_listen` of the proxy).
@@ -75,6 +82,7 @@ pub fn main() -> ExitCode {
         Command::Demo { port, standbys } => crate::demo::run(port, standbys),
         Command::Passwd { user, password, md5 } => passwd(&user, password, md5),
         Command::Ctl { admin, command } => ctl(&admin, &command),
+        Command::Drill { standbys } => crate::drill::run(standbys),
     }
 }
 

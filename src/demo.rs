@@ -1,6 +1,7 @@
 //! `pglifeguard demo`: a local primary and streaming standbys from the installed PostgreSQL
 //! binaries, plus the proxy in front of them, all removed again on Ctrl-C.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -13,28 +14,54 @@ pub const DEMO_USER: &str = "postgres";
 /// Password of [`DEMO_USER`].
 pub const DEMO_PASSWORD: &str = "postgres";
 
+/// A demo cluster with its proxy config written next to it.
+pub struct DemoSetup {
+    /// The PostgreSQL servers; dropping it stops them and removes the directory.
+    pub cluster: LocalCluster,
+    /// The proxy's config file, inside the cluster directory.
+    pub config_path: PathBuf,
+}
+
+/// Starts the servers and writes the proxy config, users file and failover hooks.
+/// Must run on the main thread (the servers are tied to it).
+pub fn prepare(port: u16, standbys: usize, synchronous: bool) -> Result<DemoSetup, String> {
+    let cluster = LocalCluster::start(&ClusterOptions { standbys, synchronous, ..Default::default() })
+        .map_err(|e| format!("cannot start the demo cluster: {e}"))?;
+    let dir = cluster.dir().to_owned();
+    let hooks = dir.join("hooks");
+    let pg_bin = crate::localcluster::pg_bin("pg_ctl")
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.display().to_string()))
+        .unwrap_or_default();
+    let write = || -> std::io::Result<()> {
+        std::fs::write(dir.join("userlist.txt"), format!("\"{DEMO_USER}\" \"{DEMO_PASSWORD}\"\n"))?;
+        std::fs::create_dir_all(&hooks)?;
+        for (name, text) in [("failover.sh", FAILOVER_HOOK), ("follow_primary.sh", FOLLOW_PRIMARY_HOOK)] {
+            let path = hooks.join(name);
+            std::fs::write(&path, text)?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        }
+        std::fs::write(dir.join("pglifeguard.yaml"), demo_config(port, &cluster, &hooks, &pg_bin))
+    };
+    write().map_err(|e| format!("cannot write the demo config: {e}"))?;
+    Ok(DemoSetup { config_path: dir.join("pglifeguard.yaml"), cluster })
+}
+
+/// The example hooks shipped in `conf/hooks/`, used by the demo as they are.
+const FAILOVER_HOOK: &str = include_str!("../conf/hooks/failover.sh");
+const FOLLOW_PRIMARY_HOOK: &str = include_str!("../conf/hooks/follow_primary.sh");
+
 /// Runs the demo until Ctrl-C.
 pub fn run(port: u16, standbys: usize) -> ExitCode {
     eprintln!("starting a PostgreSQL primary and {standbys} streaming standbys...");
-    // The cluster is created on this (the main) thread: its servers are tied to it and are
-    // stopped when it is dropped at the end of this function.
-    let cluster = match LocalCluster::start(&ClusterOptions { standbys, ..Default::default() }) {
-        Ok(c) => c,
+    let DemoSetup { cluster, config_path } = match prepare(port, standbys, false) {
+        Ok(s) => s,
         Err(e) => {
-            eprintln!("cannot start the demo cluster: {e}");
+            eprintln!("{e}");
             return ExitCode::FAILURE;
         }
     };
     let dir = cluster.dir().to_owned();
-    let users = dir.join("userlist.txt");
-    let config_path = dir.join("pglifeguard.yaml");
-    let config_text = demo_config(port, &cluster);
-    if let Err(e) = std::fs::write(&users, format!("\"{DEMO_USER}\" \"{DEMO_PASSWORD}\"\n"))
-        .and_then(|_| std::fs::write(&config_path, &config_text))
-    {
-        eprintln!("cannot write the demo config: {e}");
-        return ExitCode::FAILURE;
-    }
     let config = match Config::load(&config_path) {
         Ok(c) => c,
         Err(e) => {
@@ -70,7 +97,7 @@ pub fn run(port: u16, standbys: usize) -> ExitCode {
     code
 }
 
-fn demo_config(port: u16, cluster: &LocalCluster) -> String {
+fn demo_config(port: u16, cluster: &LocalCluster, hooks: &Path, pg_bin: &str) -> String {
     let mut backends = String::new();
     for node in &cluster.nodes {
         backends.push_str(&format!(
@@ -80,6 +107,7 @@ fn demo_config(port: u16, cluster: &LocalCluster) -> String {
             node.data_dir.display()
         ));
     }
+    let hooks = hooks.display();
     format!(
         "# Written by `pglifeguard demo`; see conf/pglifeguard.yaml for every setting.\n\
          listen: 127.0.0.1:{port}\n\
@@ -88,7 +116,11 @@ fn demo_config(port: u16, cluster: &LocalCluster) -> String {
          backends:\n{backends}\
          pool:\n  pool_size: 20\n\
          auth:\n  method: scram-sha-256\n  file: userlist.txt\n\
-         health_check:\n  period: 1s\n"
+         health_check:\n  period: 1s\n\
+         failover:\n\
+         \x20 failover_command: \"PG_BIN={pg_bin} {hooks}/failover.sh %d %h %p %D %m %H %M %P %r %R %N %S\"\n\
+         \x20 follow_primary_command: \"PG_BIN={pg_bin} {hooks}/follow_primary.sh %d %h %p %D %m %H %M %P %r %R\"\n\
+         \x20 status_file: status\n"
     )
 }
 

@@ -18,6 +18,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod drill;
 pub mod failover;
 pub mod health;
 pub mod hooks;

@@ -259,3 +259,17 @@ async fn operator_detaches_and_attaches_a_standby() {
     let (ok, _) = ctl(&env, &["detach", "9"]).await;
     assert!(!ok, "unknown node refused");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_command_reports_a_clean_failover() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pglifeguard"))
+        .args(["drill", "--standbys", "2"])
+        .output()
+        .await
+        .expect("run drill");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "drill failed:\n{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(report.contains("idle sessions that survived    10 of 10"), "{report}");
+    assert!(report.contains("acknowledged writes missing    0"), "{report}");
+    assert!(!report.contains("never"), "every phase completed: {report}");
+}

@@ -1,0 +1,244 @@
+//! `pglifeguard drill`: a failover drill on a throwaway cluster. Starts the demo cluster
+//! (synchronous replication) and the proxy, runs write load plus idle sessions through the
+//! proxy, kills the primary the way `pg_ctl stop -m immediate` does, and reports how long
+//! detection, the switch and the first successful write took, what clients saw, and whether
+//! any acknowledged commit is missing on the new primary.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::auth::BackendCredential;
+use crate::backend::{BackendConn, ConnectSpec};
+use crate::cluster::NodeStatus;
+use crate::config::Config;
+use crate::demo::{self, DemoSetup, DEMO_PASSWORD, DEMO_USER};
+use crate::server::Proxy;
+
+const WRITERS: usize = 4;
+const IDLE_SESSIONS: usize = 10;
+
+/// What one drill measured.
+#[derive(Debug, Default)]
+pub struct DrillReport {
+    /// Kill until the proxy marked the primary down.
+    pub detected: Option<Duration>,
+    /// Kill until sessions were routed to the new primary (the hook has finished by then).
+    pub switched: Option<Duration>,
+    /// Kill until the first write the new primary acknowledged through the proxy.
+    pub first_write: Option<Duration>,
+    /// Writes that failed (in flight at the kill, or refused while no primary was known).
+    pub write_errors: usize,
+    /// Acknowledged writes.
+    pub acknowledged: usize,
+    /// Acknowledged writes missing on the new primary.
+    pub missing: usize,
+    /// Idle sessions whose next statement after the failover succeeded.
+    pub idle_survived: usize,
+    /// Idle sessions in the drill.
+    pub idle_total: usize,
+}
+
+/// Runs one drill and prints its report.
+pub fn run(standbys: usize) -> ExitCode {
+    eprintln!("starting a PostgreSQL primary and {standbys} synchronous standbys for the drill...");
+    let DemoSetup { cluster, config_path } = match demo::prepare(0, standbys.max(1), true) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = match Config::load(&config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("drill config is invalid: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let old_port = cluster.nodes[0].port;
+    let Some(victim) = cluster.nodes[0].pid() else {
+        eprintln!("the primary is not running");
+        return ExitCode::FAILURE;
+    };
+    let rt = match crate::cli::runtime(0) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let proxy = Proxy::start(config, Some(config_path)).await.map_err(|e| e.to_string())?;
+        if !proxy.wait_for_primary(Duration::from_secs(30)).await {
+            return Err("the proxy found no primary".to_owned());
+        }
+        let report = drill(&proxy, victim, old_port).await;
+        proxy.shutdown(Duration::from_secs(5)).await;
+        report
+    });
+    drop(rt);
+    drop(cluster);
+    match result {
+        Ok(r) => {
+            print_report(&r);
+            if r.missing == 0 && r.first_write.is_some() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("drill failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn spec(addr: SocketAddr) -> ConnectSpec {
+    let mut params = BTreeMap::new();
+    params.insert("application_name".to_owned(), "pglifeguard drill".to_owned());
+    ConnectSpec {
+        node: 0,
+        addr: addr.to_string(),
+        user: DEMO_USER.to_owned(),
+        database: "postgres".to_owned(),
+        params: Arc::new(params),
+        credential: BackendCredential::Password(DEMO_PASSWORD.to_owned()),
+    }
+}
+
+async fn client(addr: SocketAddr) -> Result<BackendConn, String> {
+    BackendConn::connect(&spec(addr), 0, Duration::from_secs(10)).await.map_err(|e| e.to_string())
+}
+
+/// Acknowledged ids with the time and the server port that acknowledged them, and the number
+/// of failed writes, of one writer.
+type WriterLog = (Vec<(i64, Instant, u16)>, usize);
+
+async fn writer(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>) -> WriterLog {
+    let mut acked = Vec::new();
+    let mut errors = 0;
+    let mut n = 0i64;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut c) = client(addr).await else {
+            errors += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        while !stop.load(Ordering::Relaxed) {
+            let key = (id as i64) << 40 | n;
+            n += 1;
+            match c.simple_query(&format!("insert into drill_acked(id) values ({key}) returning inet_server_port()")).await {
+                Ok(rows) => {
+                    let port = rows.first().and_then(|r| r.first()?.as_deref()?.parse().ok()).unwrap_or(0);
+                    acked.push((key, Instant::now(), port));
+                }
+                Err(_) => {
+                    errors += 1;
+                    break;
+                }
+            }
+        }
+    }
+    (acked, errors)
+}
+
+async fn drill(proxy: &Proxy, victim: u32, old_port: u16) -> Result<DrillReport, String> {
+    let addr = proxy.addr;
+    let mut setup = client(addr).await?;
+    setup
+        .simple_query("create table if not exists drill_acked(id bigint primary key, at timestamptz default clock_timestamp())")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut idle = Vec::new();
+    for _ in 0..IDLE_SESSIONS {
+        let mut c = client(addr).await?;
+        c.simple_query("select 1").await.map_err(|e| e.to_string())?;
+        idle.push(c);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..WRITERS).map(|i| tokio::spawn(writer(addr, i + 1, Arc::clone(&stop)))).collect();
+
+    // Watch the proxy's view to time detection and switch.
+    let app = Arc::clone(&proxy.app);
+    let events: Arc<Mutex<(Option<Instant>, Option<Instant>)>> = Arc::default();
+    let watcher = {
+        let events = Arc::clone(&events);
+        let mut changes = app.cluster_changed.subscribe();
+        let app = Arc::clone(&app);
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let state = app.cluster.load();
+                let mut e = events.lock().unwrap_or_else(|p| p.into_inner());
+                if e.0.is_none() && matches!(state.nodes[0].status, NodeStatus::Down { .. }) {
+                    e.0 = Some(Instant::now());
+                }
+                if e.1.is_none() && state.primary.is_some_and(|p| p != 0) {
+                    e.1 = Some(Instant::now());
+                    return;
+                }
+            }
+        })
+    };
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    eprintln!("killing the primary (SIGQUIT, as pg_ctl stop -m immediate)");
+    let killed = Instant::now();
+    // SAFETY: plain syscall on the PID of a server this process started.
+    unsafe {
+        libc::kill(victim as i32, libc::SIGQUIT);
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(60), watcher).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut report = DrillReport { idle_total: IDLE_SESSIONS, ..DrillReport::default() };
+    let mut acked = HashSet::new();
+    for w in writers {
+        let (ids, errors) = w.await.map_err(|e| e.to_string())?;
+        report.write_errors += errors;
+        for (id, at, port) in ids {
+            acked.insert(id);
+            // The outage ends with the first write the new primary acknowledges.
+            if at > killed && port != old_port {
+                let since = at - killed;
+                report.first_write = Some(report.first_write.map_or(since, |f| f.min(since)));
+            }
+        }
+    }
+    report.acknowledged = acked.len();
+    {
+        let e = events.lock().unwrap_or_else(|p| p.into_inner());
+        report.detected = e.0.map(|t| t - killed);
+        report.switched = e.1.map(|t| t - killed);
+    }
+    for mut c in idle {
+        if c.simple_query("select 1").await.is_ok() {
+            report.idle_survived += 1;
+        }
+    }
+    let mut check = client(addr).await?;
+    let rows = check.simple_query("select id from drill_acked").await.map_err(|e| e.to_string())?;
+    let present: HashSet<i64> = rows.iter().filter_map(|r| r.first()?.as_deref()?.parse().ok()).collect();
+    report.missing = acked.difference(&present).count();
+    Ok(report)
+}
+
+fn ms(d: Option<Duration>) -> String {
+    d.map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0)).unwrap_or_else(|| "never".to_owned())
+}
+
+fn print_report(r: &DrillReport) {
+    println!("\nfailover drill ({WRITERS} writers, {} idle sessions, synchronous replication)", r.idle_total);
+    println!("  primary marked down after      {}", ms(r.detected));
+    println!("  sessions routed to new primary {}", ms(r.switched));
+    println!("  first write acknowledged after {}", ms(r.first_write));
+    println!("  failed writes                  {}", r.write_errors);
+    println!("  idle sessions that survived    {} of {}", r.idle_survived, r.idle_total);
+    println!("  acknowledged writes            {}", r.acknowledged);
+    println!("  acknowledged writes missing    {}", r.missing);
+}
