@@ -180,9 +180,9 @@ pool:
   client_idle_timeout: 0s
 auth:
   method: trust
-primary_check:
+health_check:
   user: postgres
-  interval: 2s
+  period: 2s
 """
         )
     logpath = os.path.join(OUT, "pglifeguard-idle.log")

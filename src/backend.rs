@@ -308,8 +308,8 @@ impl BackendConn {
         ];
         let mut sql = String::new();
         for name in SETTABLE {
-            if let Some(v) = session.params.get(name) {
-                if self.reported.get(name) != Some(v) {
+            if let Some(v) = session.param(name) {
+                if self.reported.get(name).map(String::as_str) != Some(v) {
                     sql.push_str(&format!(
                         "SET {} = {};",
                         postgres_protocol::escape::escape_identifier(name),

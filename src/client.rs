@@ -176,7 +176,7 @@ async fn run_session(app: &App, sock: &mut TcpStream, params: &StartupParams, ke
     drop(out);
 
     let mut cbuf = BytesMut::new();
-    let mut session = SessionState { params: welcome.iter().cloned().collect(), ..SessionState::default() };
+    let mut session = SessionState::new(Arc::clone(&welcome));
     let mut restore = false;
     loop {
         let mut lease = match lease.take() {

@@ -46,11 +46,26 @@ pub enum RelayEnd {
 pub struct SessionState {
     /// Parse messages of named statements, by statement name.
     pub prepared: std::collections::HashMap<Vec<u8>, bytes::Bytes>,
-    /// Latest ParameterStatus values the client was told.
-    pub params: std::collections::BTreeMap<String, String>,
+    /// ParameterStatus values of the welcome, shared by every client of the pool.
+    welcome: std::sync::Arc<Vec<(String, String)>>,
+    /// Values reported since the welcome; kept apart so an idle client costs no copy.
+    changed: std::collections::BTreeMap<String, String>,
 }
 
 impl SessionState {
+    /// State of a client welcomed with these ParameterStatus values.
+    pub fn new(welcome: std::sync::Arc<Vec<(String, String)>>) -> SessionState {
+        SessionState { welcome, ..SessionState::default() }
+    }
+
+    /// The latest value of a reported setting the client was told about.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.changed
+            .get(name)
+            .or_else(|| self.welcome.iter().find(|(k, _)| k == name).map(|(_, v)| v))
+            .map(String::as_str)
+    }
+
     /// Records the body of a Parse (`P`) or Close (`C`) message the client sent.
     fn on_frontend(&mut self, tag: u8, body: &[u8]) {
         match tag {
@@ -286,7 +301,7 @@ pub async fn relay(
                             }
                             backend_tag::PARAMETER_STATUS => {
                                 if let Some((k, v)) = parse_parameter_status(body) {
-                                    session.params.insert(k, v);
+                                    session.changed.insert(k, v);
                                 }
                             }
                             // Nothing was asked, yet the server speaks: it is terminating the
