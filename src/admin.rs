@@ -1,5 +1,5 @@
 //! A minimal HTTP/1.0 endpoint for operators and probes: `/metrics` (Prometheus text format),
-//! `/status` (nodes and pools), `/health`, and `POST /nodes/<id>/attach|detach`. It reads snapshots only, never a pooled backend,
+//! `/status` (nodes and pools), `/health`, and `POST /nodes/<id>/attach|detach|promote`. It reads snapshots only, never a pooled backend,
 //! so it answers even when every pool is exhausted.
 
 use std::fmt::Write as _;
@@ -80,7 +80,7 @@ async fn handle(app: &App, mut sock: TcpStream, endpoint: Endpoint) -> std::io::
     sock.shutdown().await
 }
 
-/// `POST /nodes/<id>/attach` and `POST /nodes/<id>/detach`, carried out by the failover
+/// `POST /nodes/<id>/attach`, `detach` and `promote`, carried out by the failover
 /// manager so they are ordered with health events.
 async fn node_command(app: &App, path: &str) -> (&'static str, String) {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -95,13 +95,14 @@ async fn node_command(app: &App, path: &str) -> (&'static str, String) {
     let event = match action {
         "attach" => crate::failover::Event::Attach(node, tx),
         "detach" => crate::failover::Event::Detach(node, tx),
+        "promote" => crate::failover::Event::Promote(node, tx),
         _ => return ("404 Not Found", format!("unknown action {action}\n")),
     };
     if app.events.send(event).await.is_err() {
         return ("503 Service Unavailable", "shutting down\n".to_owned());
     }
     match tokio::time::timeout(Duration::from_secs(300), rx).await {
-        Ok(Ok(Ok(()))) => ("200 OK", format!("node {node} {action}ed\n")),
+        Ok(Ok(Ok(()))) => ("200 OK", format!("node {node}: {action} done\n")),
         Ok(Ok(Err(e))) => ("409 Conflict", format!("{e}\n")),
         _ => ("504 Gateway Timeout", "no answer from the failover manager\n".to_owned()),
     }

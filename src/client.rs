@@ -65,6 +65,12 @@ async fn session(app: &Arc<App>, mut sock: TcpStream) {
     let Login::Session(params) = login else { return };
     tracing::debug!(user = params.user, database = params.database, "client authenticated");
     let key = app.cancels.issue();
+    if params.database == crate::console::CONSOLE_DATABASE {
+        if let Err(e) = Box::pin(crate::console::serve(app, &mut sock, key.pid, key.secret)).await {
+            tracing::debug!(error = %e, "console session ended with an error");
+        }
+        return;
+    }
     if let Err(e) = Box::pin(run_session(app, &mut sock, &params, &key)).await {
         tracing::info!(error = %e, "session ended with an error");
     }

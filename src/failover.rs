@@ -31,6 +31,9 @@ pub enum Event {
     Detach(usize, oneshot::Sender<Result<(), String>>),
     /// Operator: put a node back in service (it is checked first).
     Attach(usize, oneshot::Sender<Result<(), String>>),
+    /// Operator: make this standby the primary (pgpool's `pcp_promote_node`): the current
+    /// primary is taken out of service and the failover runs with this node as `%m`.
+    Promote(usize, oneshot::Sender<Result<(), String>>),
 }
 
 /// Runs the manager until shutdown. Spawns the per-node health checkers.
@@ -157,6 +160,9 @@ impl Manager {
             Event::Attach(node, reply) => {
                 let _ = reply.send(self.attach(node).await);
             }
+            Event::Promote(node, reply) => {
+                let _ = reply.send(self.promote(node).await);
+            }
         }
     }
 
@@ -213,7 +219,7 @@ impl Manager {
         if was_primary {
             next.set_primary(None);
             self.publish(next);
-            self.fail_over(node).await;
+            self.fail_over(node, None).await;
         } else {
             let primary = next.primary;
             self.publish(next.clone());
@@ -225,11 +231,11 @@ impl Manager {
 
     /// The primary failed: promote (through the hook), find the new primary, switch, re-point
     /// the other standbys.
-    async fn fail_over(&mut self, failed: usize) {
+    async fn fail_over(&mut self, failed: usize, chosen: Option<usize>) {
         let started = Instant::now();
         self.app.metrics.failovers.inc();
         let state = self.snapshot();
-        let candidate = state.promotion_candidate(failed);
+        let candidate = chosen.or_else(|| state.promotion_candidate(failed));
         tracing::warn!(
             failed = self.app.node_name(failed),
             candidate = candidate.map(|c| self.app.node_name(c)),
@@ -357,11 +363,30 @@ impl Manager {
         if was_primary {
             next.set_primary(None);
             self.publish(next);
-            self.fail_over(node).await;
+            self.fail_over(node, None).await;
         } else {
             self.publish(next);
         }
         Ok(())
+    }
+
+    async fn promote(&mut self, node: usize) -> Result<(), String> {
+        let mut next = self.snapshot();
+        if next.nodes.get(node).map(|n| &n.status) != Some(&NodeStatus::Up(Role::Standby)) {
+            return Err(format!("node {node} is not an in-service standby"));
+        }
+        let Some(old) = next.primary else {
+            return Err("no primary to replace".to_owned());
+        };
+        next.nodes[old].status = NodeStatus::Down { since: Instant::now(), reason: format!("replaced by node {node} (promote)") };
+        next.set_primary(None);
+        self.publish(next);
+        self.fail_over(old, Some(node)).await;
+        if self.app.cluster.load().primary == Some(node) {
+            Ok(())
+        } else {
+            Err(format!("node {node} did not become primary; see the proxy log"))
+        }
     }
 
     async fn attach(&mut self, node: usize) -> Result<(), String> {

@@ -16,6 +16,7 @@ pub mod cancel;
 pub mod cli;
 pub mod client;
 pub mod cluster;
+pub mod console;
 pub mod config;
 pub mod demo;
 pub mod drill;

@@ -273,3 +273,53 @@ async fn drill_command_reports_a_clean_failover() {
     assert!(report.contains("acknowledged writes missing    0"), "{report}");
     assert!(!report.contains("never"), "every phase completed: {report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_pool_nodes_on_the_console_database() {
+    let env = Env::start(Setup { cluster: ClusterOptions { standbys: 1, ..Default::default() }, ..Setup::default() }).await;
+    let mut cmd = tokio::process::Command::new(pg_tool("psql"));
+    cmd.args(["-X", "-A", "-F", "|", "-h", "127.0.0.1", "-U", "postgres", "-d", "pglifeguard", "-c", "show pool_nodes"])
+        .arg("-p")
+        .arg(env.port().to_string());
+    let out = cmd.output().await.expect("psql");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("node_id|hostname|port|status|pg_status|lb_weight|role|pg_role|select_cnt|load_balance_node|replication_delay|replication_state|replication_sync_state|last_status_change")
+    );
+    let rows: Vec<Vec<&str>> = lines.take(2).map(|l| l.split('|').collect()).collect();
+    assert_eq!(rows[0][0], "0");
+    assert_eq!(rows[0][2], env.cluster.nodes[0].port.to_string());
+    assert_eq!((rows[0][3], rows[0][6], rows[0][9]), ("up", "primary", "true"));
+    assert_eq!((rows[1][3], rows[1][6], rows[1][9]), ("up", "standby", "false"));
+    // Unknown commands are errors, and the console stays usable.
+    let out = tokio::process::Command::new(pg_tool("psql"))
+        .args(["-X", "-A", "-t", "-h", "127.0.0.1", "-U", "postgres", "-d", "pglifeguard", "-c", "drop table x", "-c", "show version"])
+        .arg("-p")
+        .arg(env.port().to_string())
+        .output()
+        .await
+        .expect("psql");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown console command"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_promotes_a_standby() {
+    let fenced = tempfile::NamedTempFile::new().expect("fence marker");
+    let failover = format!("{}  fence_command: \"echo %d >> {}\"\n", hooks(), fenced.path().display());
+    let env = Env::start(two_standbys(failover)).await;
+    let (ok, out) = ctl(&env, &["promote", "2"]).await;
+    assert!(ok, "{out}");
+    let node2 = env.cluster.nodes[2].port as i32;
+    assert_eq!(port_of_session(&env).await, Some(node2), "sessions go to the promoted node");
+    // The old primary still runs and still accepts writes on its own: it is fenced, not used.
+    assert!(
+        wait_until(Duration::from_secs(10), || async { std::fs::read_to_string(fenced.path()).unwrap_or_default().trim() == "0" }).await,
+        "old primary fenced"
+    );
+    let (_, status) = ctl(&env, &["status"]).await;
+    assert!(status.lines().any(|l| l.contains("node0") && l.contains("down")), "{status}");
+    assert!(status.lines().any(|l| l.contains("node1") && l.contains("standby")), "{status}");
+}
