@@ -98,15 +98,7 @@ pub fn run(port: u16, standbys: usize) -> ExitCode {
 }
 
 fn demo_config(port: u16, cluster: &LocalCluster, hooks: &Path, pg_bin: &str) -> String {
-    let mut backends = String::new();
-    for node in &cluster.nodes {
-        backends.push_str(&format!(
-            "  - name: {}\n    host: 127.0.0.1\n    port: {}\n    data_directory: {}\n",
-            node.name,
-            node.port,
-            node.data_dir.display()
-        ));
-    }
+    let backends = cluster.backends_yaml();
     let hooks = hooks.display();
     format!(
         "# Written by `pglifeguard demo`; see conf/pglifeguard.yaml for every setting.\n\

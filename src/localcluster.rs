@@ -1196,6 +1196,20 @@ impl std::fmt::Debug for LocalCluster {
 }
 
 impl LocalCluster {
+    /// The `backends:` entries of a pglifeguard config for this cluster's nodes, in order.
+    pub fn backends_yaml(&self) -> String {
+        let mut out = String::new();
+        for node in &self.nodes {
+            out.push_str(&format!(
+                "  - name: {}\n    host: 127.0.0.1\n    port: {}\n    data_directory: {}\n",
+                node.name,
+                node.port,
+                node.data_dir.display()
+            ));
+        }
+        out
+    }
+
     /// Creates and starts a cluster: a primary and `opts.standbys` streaming standbys,
     /// each ready for connections, with every standby streaming from the primary (and,
     /// with `opts.synchronous`, at least one of them acting as synchronous standby).

@@ -108,15 +108,7 @@ impl Drop for Env {
 }
 
 fn config_text(cluster: &LocalCluster, setup: &Setup) -> String {
-    let mut backends = String::new();
-    for n in &cluster.nodes {
-        backends.push_str(&format!(
-            "  - name: {}\n    host: 127.0.0.1\n    port: {}\n    data_directory: {}\n",
-            n.name,
-            n.port,
-            n.data_dir.display()
-        ));
-    }
+    let backends = cluster.backends_yaml();
     let auth = if setup.auth.is_empty() { "  method: trust\n".to_owned() } else { setup.auth.clone() };
     format!(
         "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nmetrics_listen: 127.0.0.1:0\n\
