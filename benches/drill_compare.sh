@@ -69,10 +69,15 @@ ln -sfn "$RUN_DIR" "$(dirname "$RUN_DIR")/latest" 2>/dev/null || true
 cp "$PGLIFEGUARD_BIN" "$RUN_DIR/pglifeguard" || die "cannot copy $PGLIFEGUARD_BIN"
 LG_BIN=$RUN_DIR/pglifeguard
 say "results in $RUN_DIR"
+GIT_REV=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+git -C "$REPO" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || GIT_REV="$GIT_REV+dirty"
+BIN_SHA=$(sha256sum "$LG_BIN" | cut -c1-12)
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---- state owned by this script ----
 LG_PID=""
 PGPOOL_USED=0
+REPORTED=0
 
 stop_pglifeguard() {
   [ -n "$LG_PID" ] || return 0
@@ -109,6 +114,8 @@ cleanup() {
   trap - EXIT INT TERM
   stop_pglifeguard
   stop_pgpool
+  # an aborted run still gets a table of the drills that finished
+  [ "$REPORTED" = 1 ] || ! ls "$RUN_DIR"/[0-9]*-*/summary.txt >/dev/null 2>&1 || write_report || true
   say "final cluster.sh up"
   repair_cluster "$RUN_DIR/cluster.log" || rc=1
   exit "$rc"
@@ -147,7 +154,7 @@ failover:
 EOF
   "$LG_BIN" check-config "$cfg" >>"$log" 2>&1 || { say "invalid config $cfg; see $log"; return 1; }
   # Own subshell + exec: $! is the proxy's own PID.
-  ( ulimit -n 65536 2>/dev/null || true; NO_COLOR=1 exec "$LG_BIN" run --config "$cfg" ) >>"$log" 2>&1 </dev/null &
+  ( ulimit -n 65536 2>/dev/null || true; export NO_COLOR=1; exec "$LG_BIN" run --config "$cfg" ) >>"$log" 2>&1 </dev/null &
   LG_PID=$!
   local deadline=$(( $(date +%s) + 30 )) primary=""
   until $PSQL -p "$PGLIFEGUARD_PORT" -d bench -c 'select 1' >/dev/null 2>&1 \
@@ -171,7 +178,7 @@ run_drill() { # $1 = drill number, $2 = target; writes $RUN_DIR/<n>-<target>/
   d=$RUN_DIR/$n-$t
   mkdir -p "$d"
   say "=== drill $n: $t (DURATION=$DURATION KILL_AT=$KILL_AT CLIENTS=$CLIENTS) ==="
-  repair_cluster "$d/cluster.log" || return 1
+  cluster_intact || repair_cluster "$d/cluster-before.log" || return 1
   case "$t" in
     pglifeguard)
       start_pglifeguard "$d" || return 1
@@ -188,6 +195,8 @@ run_drill() { # $1 = drill number, $2 = target; writes $RUN_DIR/<n>-<target>/
       stop_pgpool ;;
   esac
   [ "$rc" = 0 ] || say "drill $n ($t): exit status $rc; see $d/console.log"
+  # pg0 back as primary, pg1 and pg2 re-cloned as its standbys
+  repair_cluster "$d/cluster-after.log" || die "could not repair the cluster after drill $n ($t)"
   if [ ! -s "$d/summary.txt" ]; then say "drill $n ($t): no summary.txt"; return 1; fi
   say "drill $n ($t): $(grep -m1 '^WRITE DOWNTIME' "$d/summary.txt")"
   return 0
@@ -284,14 +293,13 @@ write_report() {
     echo "pglifeguard-warn-error.txt, or pgpool-log.txt and failover-log.txt) is in \`$RUN_DIR/<drill>-<target>/\`;"
     echo "all summaries are concatenated in \`summaries.txt\`."
   } > "$report"
+  REPORTED=1
   cat "$report"
 }
 
 # ---- run ----
-GIT_REV=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
-git -C "$REPO" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || GIT_REV="$GIT_REV+dirty"
-BIN_SHA=$(sha256sum "$LG_BIN" | cut -c1-12)
-LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
+say "cluster.sh up"
+repair_cluster "$RUN_DIR/cluster.log" || die "cluster.sh up failed"
 failed=0
 n=0
 for i in $(seq "$DRILLS"); do

@@ -234,7 +234,19 @@ impl Manager {
     async fn fail_over(&mut self, failed: usize, chosen: Option<usize>) {
         let started = Instant::now();
         self.app.metrics.failovers.inc();
-        let state = self.snapshot();
+        let mut state = self.snapshot();
+        if chosen.is_none() {
+            // Positions from the last periodic check can be a second old under write load:
+            // ask the standbys again so the one that really replayed the most is promoted.
+            let standbys: Vec<usize> =
+                (0..state.nodes.len()).filter(|&i| state.nodes[i].status == NodeStatus::Up(Role::Standby)).collect();
+            let fresh = futures_util::future::join_all(standbys.iter().map(|&i| health::check_once(&self.app, i))).await;
+            for (i, r) in standbys.into_iter().zip(fresh) {
+                if let Ok(o) = r {
+                    state.nodes[i].last_seen = Some(o);
+                }
+            }
+        }
         let candidate = chosen.or_else(|| state.promotion_candidate(failed));
         tracing::warn!(
             failed = self.app.node_name(failed),
