@@ -223,6 +223,13 @@ async fn two_primaries_are_resolved_to_the_recorded_one() {
         .await,
         "the second primary was not taken out of service"
     );
+    // The node is taken out of service first, then fenced.
+    let fence_ran = wait_until(Duration::from_secs(10), || async {
+        !std::fs::read_to_string(fenced.path()).unwrap_or_default().trim().is_empty()
+    })
+    .await;
+    assert!(fence_ran, "fence hook did not run");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(std::fs::read_to_string(fenced.path()).expect("fence ran").trim(), "1", "fence hook ran once, for node 1");
     for _ in 0..5 {
         assert_eq!(port_of_session(&env).await, Some(primary), "writes stay on the recorded primary");
