@@ -32,8 +32,10 @@ pub async fn serve(app: Arc<App>, mut sock: TcpStream, peer: SocketAddr) {
         reject(&mut sock, sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already").await;
         return;
     };
+    // The span is entered around each phase and log line, not around the whole session:
+    // entering it on every poll of the relay would cost more than the relay's own work.
     let span = tracing::info_span!("client", id = slot.id, %peer);
-    session(&app, sock).instrument(span).await;
+    session(&app, sock, &span).await;
     drop(slot);
 }
 
@@ -49,30 +51,30 @@ enum Login {
     Done,
 }
 
-async fn session(app: &Arc<App>, mut sock: TcpStream) {
+async fn session(app: &Arc<App>, mut sock: TcpStream, span: &tracing::Span) {
     let login_timeout = app.config.load().pool.client_login_timeout;
     // Boxed, like the checkout and the relay below: a task's size is that of its largest
     // state, and an idle client should not carry room for the others.
-    let login = match tokio::time::timeout(login_timeout, Box::pin(login(app, &mut sock))).await {
+    let login = match tokio::time::timeout(login_timeout, Box::pin(login(app, &mut sock).instrument(span.clone()))).await {
         Ok(l) => l,
         Err(_) => {
             app.metrics.error("login_timeout");
-            tracing::info!(?login_timeout, "client did not finish startup in time");
+            span.in_scope(|| tracing::info!(?login_timeout, "client did not finish startup in time"));
             reject(&mut sock, sqlstate::PROTOCOL_VIOLATION, "startup and authentication timed out").await;
             return;
         }
     };
     let Login::Session(params) = login else { return };
-    tracing::debug!(user = params.user, database = params.database, "client authenticated");
+    span.in_scope(|| tracing::debug!(user = params.user, database = params.database, "client authenticated"));
     let key = app.cancels.issue();
     if params.database == crate::console::CONSOLE_DATABASE {
         if let Err(e) = Box::pin(crate::console::serve(app, &mut sock, key.pid, key.secret)).await {
-            tracing::debug!(error = %e, "console session ended with an error");
+            span.in_scope(|| tracing::debug!(error = %e, "console session ended with an error"));
         }
         return;
     }
-    if let Err(e) = Box::pin(run_session(app, &mut sock, &params, &key)).await {
-        tracing::info!(error = %e, "session ended with an error");
+    if let Err(e) = Box::pin(run_session(app, &mut sock, &params, &key, span)).await {
+        span.in_scope(|| tracing::info!(error = %e, "session ended with an error"));
     }
 }
 
@@ -154,7 +156,13 @@ enum SessionError {
     Relay(#[from] RelayError),
 }
 
-async fn run_session(app: &App, sock: &mut TcpStream, params: &StartupParams, key: &CancelKey) -> Result<(), SessionError> {
+async fn run_session(
+    app: &App,
+    sock: &mut TcpStream,
+    params: &StartupParams,
+    key: &CancelKey,
+    span: &tracing::Span,
+) -> Result<(), SessionError> {
     let pool_size = app.config.load().pool.pool_size;
     let pool = app.pools.get(&PoolKey { user: params.user.clone(), database: params.database.clone() }, pool_size);
     let startup_params = Arc::new(params.options.clone());
@@ -165,7 +173,7 @@ async fn run_session(app: &App, sock: &mut TcpStream, params: &StartupParams, ke
     let welcome = match pool.welcome(&startup_params) {
         Some(w) => w,
         None => {
-            let l = Box::pin(checkout_or_report(app, &pool, &startup_params, sock)).await?;
+            let l = Box::pin(checkout_or_report(app, &pool, &startup_params, sock).instrument(span.clone())).await?;
             let w = Arc::new(l.0);
             lease = Some(l.1);
             w
@@ -192,15 +200,16 @@ async fn run_session(app: &App, sock: &mut TcpStream, params: &StartupParams, ke
                 if !wait_first_request(app, sock, &mut cbuf).await? {
                     return Ok(());
                 }
-                let mut l = Box::pin(checkout_or_report(app, &pool, &startup_params, sock)).await?.1;
+                let mut l = Box::pin(checkout_or_report(app, &pool, &startup_params, sock).instrument(span.clone())).await?.1;
                 if restore {
                     if let Err(e) = l.conn().restore(&session).await {
-                        tracing::warn!(error = %e, "cannot restore the session on a new backend");
+                        span.in_scope(|| tracing::warn!(error = %e, "cannot restore the session on a new backend"));
                         reject(sock, sqlstate::CONNECTION_FAILURE, &format!("cannot restore session after failover: {e}")).await;
-                        Box::pin(l.release(app, Leftover::Broken)).await;
+                        Box::pin(l.release(app, Leftover::Broken).instrument(span.clone())).await;
                         return Ok(());
                     }
-                    tracing::info!(backend = l.conn().addr, statements = session.prepared.len(), "session restored on a new backend");
+                    let backend = l.conn().addr.clone();
+                    span.in_scope(|| tracing::info!(backend, statements = session.prepared.len(), "session restored on a new backend"));
                 }
                 l
             }
@@ -219,9 +228,9 @@ async fn run_session(app: &App, sock: &mut TcpStream, params: &StartupParams, ke
         if backend_gone && tracker.leftover() == Leftover::Idle {
             // Between transactions nothing is lost by moving: the client keeps its connection
             // and its next request runs on a new backend with its statements re-prepared.
-            Box::pin(lease.release(app, Leftover::Broken)).await;
+            Box::pin(lease.release(app, Leftover::Broken).instrument(span.clone())).await;
             app.metrics.sessions_recovered.inc();
-            tracing::info!("backend lost while the client was idle; the session continues at its next request");
+            span.in_scope(|| tracing::info!("backend lost while the client was idle; the session continues at its next request"));
             restore = true;
             continue;
         }
@@ -255,9 +264,9 @@ async fn run_session(app: &App, sock: &mut TcpStream, params: &StartupParams, ke
             Ok(RelayEnd::ClientGone | RelayEnd::ClientTerminated) | Err(RelayError::Client(_)) => {}
         }
         if leftover != Leftover::Idle {
-            tracing::debug!(?leftover, "client left its backend unfinished");
+            span.in_scope(|| tracing::debug!(?leftover, "client left its backend unfinished"));
         }
-        Box::pin(lease.release(app, leftover)).await;
+        Box::pin(lease.release(app, leftover).instrument(span.clone())).await;
         return result.map(|_| ()).map_err(SessionError::from);
     }
 }

@@ -268,7 +268,10 @@ pub async fn relay(
         if bbuf.capacity() - bbuf.len() < READ_CHUNK / 4 {
             bbuf.reserve(READ_CHUNK);
         }
+        // Biased: when a socket woke the task its branch is ready, so the shutdown and idle
+        // branches (whose polls take locks) are only polled on wake-ups they caused.
         tokio::select! {
+            biased;
             r = client.read_buf(cbuf) => {
                 let n = r.map_err(RelayError::Client)?;
                 if n == 0 {
