@@ -206,11 +206,73 @@ impl Drop for LocalStats<'_> {
     }
 }
 
+/// Scans backend bytes in `bbuf` and forwards the complete part to the client. Returns true
+/// if the backend announced it is terminating while the session was idle (that message is
+/// kept back).
+async fn forward_backend(
+    bbuf: &mut BytesMut,
+    client: &mut TcpStream,
+    tracker: &mut Tracker,
+    session: &mut SessionState,
+    stats: &mut LocalStats<'_>,
+) -> Result<bool, RelayError> {
+    let mut transactions = 0u64;
+    let mut lost = false;
+    let Tracker { backend: framer, outstanding, status, .. } = tracker;
+    let inspect = |t| {
+        matches!(
+            t,
+            backend_tag::READY_FOR_QUERY
+                | backend_tag::PARAMETER_STATUS
+                | backend_tag::ERROR_RESPONSE
+                | backend_tag::NOTICE_RESPONSE
+        )
+    };
+    let scan = framer
+        .scan(bbuf, u32::MAX, inspect, |tag, body| {
+            match tag {
+                backend_tag::READY_FOR_QUERY => {
+                    *outstanding = outstanding.saturating_sub(1);
+                    *status = body.first().copied().unwrap_or(b'I');
+                    transactions += (*status == b'I') as u64;
+                }
+                backend_tag::PARAMETER_STATUS => {
+                    if let Some((k, v)) = parse_parameter_status(body) {
+                        session.changed.insert(k, v);
+                    }
+                }
+                // Nothing was asked, yet the server speaks: it is terminating the connection
+                // (shutdown, crash, administrator). Between transactions the session can move
+                // to another backend, so the client is not told.
+                backend_tag::ERROR_RESPONSE | backend_tag::NOTICE_RESPONSE
+                    if *outstanding == 0 && *status == b'I' && is_termination(body) =>
+                {
+                    lost = true;
+                    return Step::StopBefore;
+                }
+                _ => {}
+            }
+            Step::Forward
+        })
+        .map_err(RelayError::BackendFrame)?;
+    if scan.forward > 0 {
+        client.write_all(&bbuf[..scan.forward]).await.map_err(RelayError::Client)?;
+        bbuf.advance(scan.forward);
+        stats.to_client += scan.forward as u64;
+    }
+    stats.transactions += transactions;
+    stats.tick();
+    Ok(lost)
+}
+
 /// Scans client bytes already in `cbuf` and forwards the complete part to the backend.
 /// Returns true if the client sent Terminate.
+#[allow(clippy::too_many_arguments)]
 async fn forward_client(
     cbuf: &mut BytesMut,
     backend: &mut TcpStream,
+    bbuf: &mut BytesMut,
+    client_sock: &mut TcpStream,
     tracker: &mut Tracker,
     session: &mut SessionState,
     max_len: u32,
@@ -226,11 +288,36 @@ async fn forward_client(
     });
     tracker.client = framer;
     let scan = result.map_err(RelayError::ClientFrame)?;
-    if scan.forward > 0 {
-        backend.write_all(&cbuf[..scan.forward]).await.map_err(RelayError::Backend)?;
-        cbuf.advance(scan.forward);
-        stats.to_backend += scan.forward as u64;
+    let mut written = 0;
+    while written < scan.forward {
+        // Keep relaying the server's replies while its input is full: a client that pipelines
+        // megabytes and reads results at the same time would otherwise deadlock with the
+        // server, each waiting for the other to read.
+        if bbuf.capacity() - bbuf.len() < READ_CHUNK / 4 {
+            bbuf.reserve(READ_CHUNK);
+        }
+        let (mut from_backend, mut to_backend) = backend.split();
+        tokio::select! {
+            biased;
+            r = to_backend.write(&cbuf[written..scan.forward]) => {
+                match r.map_err(RelayError::Backend)? {
+                    0 => return Err(RelayError::Backend(std::io::ErrorKind::WriteZero.into())),
+                    n => written += n,
+                }
+            }
+            r = from_backend.read_buf(bbuf) => {
+                if r.map_err(RelayError::Backend)? == 0 {
+                    return Err(RelayError::BackendClosed);
+                }
+                if forward_backend(bbuf, client_sock, tracker, session, stats).await? {
+                    // The server is going away in the middle of a request.
+                    return Err(RelayError::BackendClosed);
+                }
+            }
+        }
     }
+    cbuf.advance(scan.forward);
+    stats.to_backend += scan.forward as u64;
     Ok(scan.stopped)
 }
 
@@ -250,7 +337,7 @@ pub async fn relay(
     drop(config);
     let mut bbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut stats = LocalStats { metrics: &app.metrics, to_backend: 0, to_client: 0, transactions: 0, events: 0 };
-    if forward_client(cbuf, backend, tracker, session, max_len, &mut stats).await? {
+    if forward_client(cbuf, backend, &mut bbuf, client, tracker, session, max_len, &mut stats).await? {
         return Ok(RelayEnd::ClientTerminated);
     }
     let idle_enabled = !idle_timeout.is_zero();
@@ -277,7 +364,7 @@ pub async fn relay(
                 if n == 0 {
                     return Ok(RelayEnd::ClientGone);
                 }
-                if forward_client(cbuf, backend, tracker, session, max_len, &mut stats).await? {
+                if forward_client(cbuf, backend, &mut bbuf, client, tracker, session, max_len, &mut stats).await? {
                     return Ok(RelayEnd::ClientTerminated);
                 }
                 stats.tick();
@@ -290,45 +377,7 @@ pub async fn relay(
                 if n == 0 {
                     return Err(RelayError::BackendClosed);
                 }
-                let mut transactions = 0u64;
-                let mut lost = false;
-                let Tracker { backend: framer, outstanding, status, .. } = tracker;
-                let inspect = |t| matches!(t, backend_tag::READY_FOR_QUERY | backend_tag::PARAMETER_STATUS | backend_tag::ERROR_RESPONSE | backend_tag::NOTICE_RESPONSE);
-                let scan = framer
-                    .scan(&bbuf, u32::MAX, inspect, |tag, body| {
-                        match tag {
-                            backend_tag::READY_FOR_QUERY => {
-                                *outstanding = outstanding.saturating_sub(1);
-                                *status = body.first().copied().unwrap_or(b'I');
-                                transactions += (*status == b'I') as u64;
-                            }
-                            backend_tag::PARAMETER_STATUS => {
-                                if let Some((k, v)) = parse_parameter_status(body) {
-                                    session.changed.insert(k, v);
-                                }
-                            }
-                            // Nothing was asked, yet the server speaks: it is terminating the
-                            // connection (shutdown, crash, administrator). Between transactions
-                            // the session can move to another backend, so the client is not told.
-                            backend_tag::ERROR_RESPONSE | backend_tag::NOTICE_RESPONSE
-                                if *outstanding == 0 && *status == b'I' && is_termination(body) =>
-                            {
-                                lost = true;
-                                return Step::StopBefore;
-                            }
-                            _ => {}
-                        }
-                        Step::Forward
-                    })
-                    .map_err(RelayError::BackendFrame)?;
-                if scan.forward > 0 {
-                    client.write_all(&bbuf[..scan.forward]).await.map_err(RelayError::Client)?;
-                    bbuf.advance(scan.forward);
-                    stats.to_client += scan.forward as u64;
-                }
-                stats.transactions += transactions;
-                stats.tick();
-                if lost {
+                if forward_backend(&mut bbuf, client, tracker, session, &mut stats).await? {
                     return Ok(RelayEnd::BackendLost);
                 }
                 if draining && tracker.is_idle() {

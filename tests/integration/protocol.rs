@@ -211,3 +211,23 @@ async fn listen_notify() {
         assert_eq!(payload, expected);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_pipeline_with_large_results_does_not_stall() {
+    // tokio-postgres writes requests while it reads results. With megabytes in flight both
+    // ways, a relay that stops reading results while its write to the server is blocked
+    // would deadlock; a direct connection would not.
+    let env = Env::start_default().await;
+    let client = env.client().await;
+    let padding = "p".repeat(20_000);
+    let stmt = client.prepare("select repeat('x', 50000), length($1::text)").await.expect("prepare");
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&padding];
+    let queries = (0..600).map(|_| client.query_one(&stmt, &params));
+    let rows = tokio::time::timeout(Duration::from_secs(60), futures_util::future::join_all(queries))
+        .await
+        .expect("pipeline finished without stalling");
+    assert_eq!(rows.len(), 600);
+    for r in rows {
+        assert_eq!(r.expect("row").get::<_, String>(0).len(), 50_000);
+    }
+}
