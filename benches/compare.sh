@@ -56,7 +56,7 @@ export POOL_SIZE=${POOL_SIZE:-$PGLIFEGUARD_POOL_SIZE}
 PRIMARY_PORT=55432 STANDBY_PORTS="55433 55434"   # fixed by the shared cluster.sh
 PGBOUNCER_PORT=6432 PGPOOL_PORT=9999              # fixed by pgbouncer.sh / pgpool.sh
 
-say() { echo "[$(date '+%H:%M:%S')] $*" >&2; }
+source "$REPO/benches/lib.sh"
 die() { say "ERROR: $*"; exit 2; }
 
 [ "$(id -u)" = 0 ] || die "run as root (the shared scripts start servers as the postgres user)"
@@ -154,18 +154,6 @@ start_pglifeguard() {
   say "pglifeguard up on $PGLIFEGUARD_PORT, pid $LG_PID"
 }
 
-stop_pglifeguard() {
-  [ -n "$LG_PID" ] || return 0
-  local p=$LG_PID i; LG_PID=""
-  kill -INT "$p" 2>/dev/null || true
-  for i in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$p" 2>/dev/null; then
-    say "pglifeguard pid $p still running 10 s after SIGINT; sending SIGKILL"
-    kill -KILL "$p" 2>/dev/null || true
-  fi
-  wait "$p" 2>/dev/null || true
-  say "pglifeguard stopped (pid $p)"
-}
 
 # ---- run header (report.py prepends baseline-head.md from the report's directory) ----
 git_rev=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)

@@ -42,7 +42,7 @@ PGPOOL_PORT=9999 PGBOUNCER_PORT=6432                 # fixed by pgpool.sh / pgbo
 PRIMARY_PORT=55432 STANDBY_PORTS="55433 55434"       # fixed by cluster.sh
 PSQL="$PGBIN/psql -X -q -A -t -h 127.0.0.1 -U postgres"
 
-say() { echo "[$(date '+%H:%M:%S')] $*" >&2; }
+source "$REPO/benches/lib.sh"
 die() { say "ERROR: $*"; exit 2; }
 
 # ---- preflight ----
@@ -79,18 +79,6 @@ LG_PID=""
 PGPOOL_USED=0
 REPORTED=0
 
-stop_pglifeguard() {
-  [ -n "$LG_PID" ] || return 0
-  local p=$LG_PID i; LG_PID=""
-  kill -INT "$p" 2>/dev/null || true
-  for i in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$p" 2>/dev/null; then
-    say "pglifeguard pid $p still running 10 s after SIGINT; sending SIGKILL"
-    kill -KILL "$p" 2>/dev/null || true
-  fi
-  wait "$p" 2>/dev/null || true
-  say "pglifeguard stopped (pid $p)"
-}
 
 stop_pgpool() {
   [ "$PGPOOL_USED" = 1 ] || return 0
