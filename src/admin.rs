@@ -1,5 +1,5 @@
 //! A minimal HTTP/1.0 endpoint for operators and probes: `/metrics` (Prometheus text format),
-//! `/status` (nodes and pools), `/health`, and `POST /nodes/<id>/attach|detach|promote`. It reads snapshots only, never a pooled backend,
+//! `/status` (nodes and pools), `/health`, and `POST /nodes/<id>/attach|detach|promote|switchover`. It reads snapshots only, never a pooled backend,
 //! so it answers even when every pool is exhausted.
 
 use std::fmt::Write as _;
@@ -28,7 +28,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, endpoint: Endpoint) {
                 Ok((sock, _)) => {
                     let app = Arc::clone(&app);
                     tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(10), handle(&app, sock, endpoint)).await;
+                        let _ = handle(&app, sock, endpoint).await;
                     });
                 }
                 Err(e) => {
@@ -44,12 +44,21 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, endpoint: Endpoint) {
 async fn handle(app: &App, mut sock: TcpStream, endpoint: Endpoint) -> std::io::Result<()> {
     let mut req = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
-        let n = sock.read(&mut chunk).await?;
-        if n == 0 {
-            break;
+    // A silent client gets 10 s to send its request; node commands then take as long as the
+    // failover manager needs (a switchover waits for transactions and replication).
+    let read = async {
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+            let n = sock.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            req.extend_from_slice(&chunk[..n]);
         }
-        req.extend_from_slice(&chunk[..n]);
+        Ok::<_, std::io::Error>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(10), read).await {
+        Ok(r) => r?,
+        Err(_) => return Ok(()),
     }
     let line = String::from_utf8_lossy(&req);
     let mut words = line.split_whitespace();
@@ -80,8 +89,8 @@ async fn handle(app: &App, mut sock: TcpStream, endpoint: Endpoint) -> std::io::
     sock.shutdown().await
 }
 
-/// `POST /nodes/<id>/attach`, `detach` and `promote`, carried out by the failover
-/// manager so they are ordered with health events.
+/// `POST /nodes/<id>/attach`, `detach`, `promote` and `switchover`, carried out by the
+/// failover manager so they are ordered with health events.
 async fn node_command(app: &App, path: &str) -> (&'static str, String) {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (node, action) = match parts.as_slice() {
@@ -91,19 +100,29 @@ async fn node_command(app: &App, path: &str) -> (&'static str, String) {
         },
         _ => return ("404 Not Found", "not found\n".to_owned()),
     };
-    let (tx, rx) = tokio::sync::oneshot::channel();
+    let done = format!("node {node}: {action} done");
+    let (tx, rx) = tokio::sync::oneshot::channel::<Result<String, String>>();
+    let (unit_tx, unit_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
     let event = match action {
-        "attach" => crate::failover::Event::Attach(node, tx),
-        "detach" => crate::failover::Event::Detach(node, tx),
-        "promote" => crate::failover::Event::Promote(node, tx),
+        "attach" => crate::failover::Event::Attach(node, unit_tx),
+        "detach" => crate::failover::Event::Detach(node, unit_tx),
+        "promote" => crate::failover::Event::Promote(node, unit_tx),
+        "switchover" => crate::failover::Event::Switchover(node, tx),
         _ => return ("404 Not Found", format!("unknown action {action}\n")),
     };
     if app.events.send(event).await.is_err() {
         return ("503 Service Unavailable", "shutting down\n".to_owned());
     }
-    match tokio::time::timeout(Duration::from_secs(300), rx).await {
-        Ok(Ok(Ok(()))) => ("200 OK", format!("node {node}: {action} done\n")),
-        Ok(Ok(Err(e))) => ("409 Conflict", format!("{e}\n")),
+    let reply = async {
+        tokio::select! {
+            Ok(r) = rx => Some(r),
+            Ok(r) = unit_rx => Some(r.map(|()| done)),
+            else => None,
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(300), reply).await {
+        Ok(Some(Ok(text))) => ("200 OK", format!("{text}\n")),
+        Ok(Some(Err(e))) => ("409 Conflict", format!("{e}\n")),
         _ => ("504 Gateway Timeout", "no answer from the failover manager\n".to_owned()),
     }
 }

@@ -56,7 +56,7 @@ pub enum Command {
         /// Admin address (`admin_listen` of the proxy).
         #[arg(long, default_value = "127.0.0.1:9631")]
         admin: String,
-        /// `status`, `attach N`, `detach N` or `promote N`.
+        /// `status`, `attach N`, `detach N`, `promote N` or `switchover N`.
         #[arg(num_args = 1..=2, required = true)]
         command: Vec<String>,
     },
@@ -204,9 +204,9 @@ fn passwd(user: &str, password: Option<String>, md5: bool) -> ExitCode {
 fn ctl(admin: &str, command: &[String]) -> ExitCode {
     let request = match command {
         [c] if c == "status" => "GET /status".to_owned(),
-        [c, n] if c == "attach" || c == "detach" || c == "promote" => format!("POST /nodes/{n}/{c}"),
+        [c, n] if ["attach", "detach", "promote", "switchover"].contains(&c.as_str()) => format!("POST /nodes/{n}/{c}"),
         _ => {
-            eprintln!("usage: pglifeguard ctl [--admin ADDR] status | attach N | detach N | promote N");
+            eprintln!("usage: pglifeguard ctl [--admin ADDR] status | attach N | detach N | promote N | switchover N");
             return ExitCode::FAILURE;
         }
     };

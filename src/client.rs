@@ -196,8 +196,9 @@ async fn run_session(
         let mut lease = match lease.take() {
             Some(l) => l,
             None => {
-                // Wait for the (next) request without holding a buffer or a backend.
-                if !wait_first_request(app, sock, &mut cbuf).await? {
+                // Wait for the (next) request without holding a buffer or a backend, unless
+                // the relay already read it (a rerouted session).
+                if cbuf.is_empty() && !wait_first_request(app, sock, &mut cbuf).await? {
                     return Ok(());
                 }
                 let mut l = Box::pin(checkout_or_report(app, &pool, &startup_params, sock).instrument(span.clone())).await?.1;
@@ -216,11 +217,20 @@ async fn run_session(
         };
         let conn = lease.conn();
         let node = conn.node;
+        let epoch = conn.epoch;
         key.set_target(Some(CancelTarget { addr: conn.addr.clone(), pid: conn.pid, secret: conn.secret }));
         let mut tracker = Tracker::default();
         let result =
-            Box::pin(relay::relay(app, sock, &mut cbuf, &mut lease.conn().stream, &mut tracker, &mut session)).await;
+            Box::pin(relay::relay(app, sock, &mut cbuf, &mut lease.conn().stream, epoch, &mut tracker, &mut session)).await;
         key.set_target(None);
+        if result.as_ref().ok() == Some(&RelayEnd::Rerouted) {
+            // Idle backend of a former primary: the pool closes it (its epoch is stale).
+            Box::pin(lease.release(app, Leftover::Idle).instrument(span.clone())).await;
+            app.metrics.sessions_rerouted.inc();
+            span.in_scope(|| tracing::debug!("primary changed while the client was idle; moving the session"));
+            restore = true;
+            continue;
+        }
         let backend_gone = matches!(result, Ok(RelayEnd::BackendLost) | Err(RelayError::BackendClosed | RelayError::Backend(_)));
         if backend_gone {
             app.suspect(node);
@@ -261,7 +271,7 @@ async fn run_session(
                 app.metrics.error("bad_backend_message");
                 reject(sock, sqlstate::PROTOCOL_VIOLATION, "invalid message from server").await
             }
-            Ok(RelayEnd::ClientGone | RelayEnd::ClientTerminated) | Err(RelayError::Client(_)) => {}
+            Ok(RelayEnd::ClientGone | RelayEnd::ClientTerminated | RelayEnd::Rerouted) | Err(RelayError::Client(_)) => {}
         }
         if leftover != Leftover::Idle {
             span.in_scope(|| tracing::debug!(?leftover, "client left its backend unfinished"));

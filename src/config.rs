@@ -254,6 +254,16 @@ pub struct FailoverConfig {
     /// failing while none is known.
     #[serde(with = "humantime_serde")]
     pub hold_timeout: Duration,
+    /// Switchover (`ctl switchover N`): how long to wait for open transactions on the old
+    /// primary to finish, and then for the new primary to replay all of its WAL. Sessions
+    /// still inside a transaction after the first wait are terminated; if the standby has not
+    /// caught up after the second, the switchover is called off and the old primary stays.
+    #[serde(with = "humantime_serde")]
+    pub switchover_timeout: Duration,
+    /// Put a down standby back in service on its own once it is streaming again on the
+    /// primary's timeline (pgpool: `auto_failback`). Nodes detached by an operator and nodes
+    /// that claimed to be primary are never brought back this way.
+    pub auto_failback: bool,
     /// Where node states and the primary are kept across restarts (pgpool: `pgpool_status`).
     /// Relative paths are resolved from the config file's directory. Absent: not kept.
     pub status_file: Option<PathBuf>,
@@ -268,6 +278,8 @@ impl Default for FailoverConfig {
             command_timeout: Duration::from_secs(60),
             search_primary_timeout: Duration::from_secs(60),
             hold_timeout: Duration::from_secs(30),
+            switchover_timeout: Duration::from_secs(10),
+            auto_failback: false,
             status_file: None,
         }
     }
@@ -362,6 +374,7 @@ impl Config {
             ("health_check.timeout", self.health_check.timeout),
             ("failover.command_timeout", self.failover.command_timeout),
             ("failover.search_primary_timeout", self.failover.search_primary_timeout),
+            ("failover.switchover_timeout", self.failover.switchover_timeout),
         ] {
             if d.is_zero() {
                 return invalid(key, "must be greater than zero".into());

@@ -10,7 +10,7 @@
 //!   service (and fenced by `fence_command`); sessions never follow a claim alone.
 //! - With no primary recorded, sessions wait (`hold_timeout`) instead of going anywhere.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,11 +34,15 @@ pub enum Event {
     /// Operator: make this standby the primary (pgpool's `pcp_promote_node`): the current
     /// primary is taken out of service and the failover runs with this node as `%m`.
     Promote(usize, oneshot::Sender<Result<(), String>>),
+    /// Operator: hand the primary role to this standby without losing sessions or commits:
+    /// hold new transactions, let open ones finish, wait until the standby has replayed
+    /// everything, promote it, and make the old primary follow it.
+    Switchover(usize, oneshot::Sender<Result<String, String>>),
 }
 
 /// Runs the manager until shutdown. Spawns the per-node health checkers.
 pub async fn run(app: Arc<App>, mut events: mpsc::Receiver<Event>) {
-    let mut manager = Manager { app: Arc::clone(&app), fenced: HashSet::new() };
+    let mut manager = Manager { app: Arc::clone(&app), fenced: HashSet::new(), no_failback: HashSet::new(), settled: HashMap::new() };
     manager.initial_discovery().await;
     let nodes = app.cluster.load().nodes.len();
     for node in 0..nodes {
@@ -70,6 +74,12 @@ struct Manager {
     app: Arc<App>,
     /// Nodes already fenced for their current false claim, so the hook runs once per claim.
     fenced: HashSet<usize>,
+    /// Down nodes that `auto_failback` must leave alone: detached by an operator, restored as
+    /// down from the status file, or caught claiming to be primary.
+    no_failback: HashSet<usize>,
+    /// Per node, when the manager last set its state from a check of its own: health reports
+    /// started before that are stale and dropped.
+    settled: HashMap<usize, Instant>,
 }
 
 impl Manager {
@@ -118,6 +128,7 @@ impl Manager {
             for (i, n) in next.nodes.iter_mut().enumerate() {
                 if saved.down.contains(&n.name) {
                     n.status = NodeStatus::Down { since: Instant::now(), reason: "down in status file".into() };
+                    self.no_failback.insert(i);
                 }
                 if saved.primary.as_deref() == Some(n.name.as_str()) {
                     preferred = Some(i);
@@ -163,11 +174,20 @@ impl Manager {
             Event::Promote(node, reply) => {
                 let _ = reply.send(self.promote(node).await);
             }
+            Event::Switchover(node, reply) => {
+                let result = self.switchover(node).await;
+                let outcome = if result.is_ok() { "done" } else { "aborted" };
+                self.app.metrics.switchovers.with_label_values(&[outcome]).inc();
+                let _ = reply.send(result);
+            }
         }
     }
 
     async fn on_report(&mut self, report: Report) {
         let node = report.node;
+        if self.settled.get(&node).is_some_and(|&t| report.started < t) {
+            return;
+        }
         let mut next = self.snapshot();
         let status = next.nodes[node].status.clone();
         match (status, report.result) {
@@ -176,7 +196,10 @@ impl Manager {
                 self.publish(next);
                 if o.role == Role::Primary && !self.fenced.contains(&node) {
                     tracing::warn!(node = self.app.node_name(node), "a node that is out of service claims to be primary; it gets no sessions");
+                    self.no_failback.insert(node);
                     self.fence(node).await;
+                } else if o.role == Role::Standby && self.app.config.load().failover.auto_failback {
+                    self.try_failback(node).await;
                 }
             }
             (NodeStatus::Down { .. }, Err(_)) => {
@@ -301,12 +324,13 @@ impl Manager {
     }
 
     /// Polls every in-service node until one reports it is primary (preferring `candidate`).
-    async fn search_primary(&self, candidate: Option<usize>) -> Option<(usize, Vec<(usize, Observed)>)> {
+    async fn search_primary(&mut self, candidate: Option<usize>) -> Option<(usize, Vec<(usize, Observed)>)> {
         let timeout = self.app.config.load().failover.search_primary_timeout;
         let deadline = Instant::now() + timeout;
         loop {
             let state = self.snapshot();
             let live: Vec<usize> = (0..state.nodes.len()).filter(|&i| !matches!(state.nodes[i].status, NodeStatus::Down { .. })).collect();
+            let round = Instant::now();
             let results = futures_util::future::join_all(live.iter().map(|&i| health::check_once(&self.app, i))).await;
             let observed: Vec<(usize, Observed)> =
                 live.iter().zip(results).filter_map(|(&i, r)| r.ok().map(|o| (i, o))).collect();
@@ -316,6 +340,10 @@ impl Manager {
                 _ => state.resolve_claimants(&claimants),
             };
             if let Some(c) = chosen {
+                // Reports queued while this ran predate the promotion; they must not undo it.
+                for (i, _) in &observed {
+                    self.settled.insert(*i, round);
+                }
                 return Some((c, observed));
             }
             if Instant::now() >= deadline || self.app.shutdown.is_cancelled() {
@@ -338,6 +366,7 @@ impl Manager {
         next.nodes[node].last_seen = Some(observed);
         next.nodes[node].status =
             NodeStatus::Down { since: Instant::now(), reason: format!("claimed primary while {primary} is primary") };
+        self.no_failback.insert(node);
         self.publish(next);
         self.fence(node).await;
     }
@@ -372,6 +401,7 @@ impl Manager {
         }
         let was_primary = next.primary == Some(node);
         next.nodes[node].status = NodeStatus::Down { since: Instant::now(), reason: "detached by operator".into() };
+        self.no_failback.insert(node);
         if was_primary {
             next.set_primary(None);
             self.publish(next);
@@ -405,7 +435,9 @@ impl Manager {
         if node >= self.snapshot().nodes.len() {
             return Err(format!("no node {node}"));
         }
+        let checked = Instant::now();
         let observed = health::check_once(&self.app, node).await.map_err(|e| format!("node does not answer: {e:?}"))?;
+        self.settled.insert(node, checked);
         let mut next = self.snapshot();
         match (observed.role, next.primary) {
             (Role::Primary, Some(p)) if p != node => {
@@ -415,9 +447,163 @@ impl Manager {
             _ => {}
         }
         self.fenced.remove(&node);
+        self.no_failback.remove(&node);
         next.nodes[node].last_seen = Some(observed);
         next.nodes[node].status = NodeStatus::Up(observed.role);
         self.publish(next);
         Ok(())
     }
+
+    /// Graceful switchover to standby `node`; returns a summary for the operator.
+    async fn switchover(&mut self, node: usize) -> Result<String, String> {
+        let started = Instant::now();
+        let state = self.snapshot();
+        if state.nodes.get(node).map(|n| &n.status) != Some(&NodeStatus::Up(Role::Standby)) {
+            return Err(format!("node {node} is not an in-service standby"));
+        }
+        let Some(old) = state.primary else {
+            return Err("no primary to switch over from".to_owned());
+        };
+        let config = self.app.config.load_full();
+        let timeout = config.failover.switchover_timeout;
+        let (old_name, new_name) = (self.app.node_name(old), self.app.node_name(node));
+        tracing::warn!(from = old_name, to = new_name, "switchover: holding new transactions");
+
+        // 1. Pause. With no primary, checkouts wait (hold_timeout) and every session that is
+        //    between transactions leaves its backend at its next request (the epoch moved).
+        let mut paused = state.clone();
+        paused.set_primary(None);
+        self.publish(paused);
+
+        // 2. Let transactions in progress finish, then end whatever is still there, so nothing
+        //    can commit on the old primary once its WAL position is read.
+        let busy = "SELECT count(*) FROM pg_stat_activity \
+                    WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND state <> 'idle'";
+        let deadline = Instant::now() + timeout;
+        let drained = loop {
+            match health::query(&self.app, old, busy).await {
+                Ok(rows) if first_value(&rows) == Some("0") => break true,
+                Ok(_) if Instant::now() < deadline => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                Ok(_) => break false,
+                Err(e) => return self.resume(old, format!("cannot ask {old_name} about its sessions: {e:?}")),
+            }
+        };
+        if !drained {
+            tracing::warn!(?timeout, "switchover: transactions still open on the old primary are terminated");
+        }
+        let terminate = "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
+                         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()";
+        let terminated = match health::query(&self.app, old, terminate).await {
+            Ok(rows) => first_value(&rows).unwrap_or("0").to_owned(),
+            Err(e) => return self.resume(old, format!("cannot end the sessions on {old_name} (the health check user needs pg_signal_backend): {e:?}")),
+        };
+
+        // 3. Wait until the new primary has replayed everything the old one flushed.
+        let target = match health::query(&self.app, old, "SELECT pg_current_wal_flush_lsn()::text").await {
+            Ok(rows) => match first_value(&rows).and_then(health::parse_lsn) {
+                Some(lsn) => lsn,
+                None => return self.resume(old, format!("unexpected WAL position from {old_name}: {rows:?}")),
+            },
+            Err(e) => return self.resume(old, format!("cannot read the WAL position of {old_name}: {e:?}")),
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            match health::check_once(&self.app, node).await {
+                Ok(o) if o.role == Role::Standby && o.lsn >= target => break,
+                Ok(o) if o.role == Role::Standby && Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                }
+                Ok(o) => {
+                    return self.resume(
+                        old,
+                        format!("{new_name} did not catch up in {timeout:?}: replayed {:X}, primary at {target:X}", o.lsn),
+                    )
+                }
+                Err(e) => return self.resume(old, format!("{new_name} does not answer: {e:?}")),
+            }
+        }
+        tracing::warn!(to = new_name, lsn = format!("{target:X}"), "switchover: standby caught up; promoting it");
+
+        // 4. The old primary leaves service (it is expected to claim primary for a while, so
+        //    it is not fenced), the standby is promoted, the other standbys follow it.
+        let mut next = self.snapshot();
+        next.nodes[old].status = NodeStatus::Down { since: Instant::now(), reason: format!("switched over to {new_name}") };
+        self.fenced.insert(old);
+        self.publish(next);
+        if config.failover.failover_command.trim().is_empty() {
+            // Without a hook the proxy promotes the node itself (needs EXECUTE on pg_promote).
+            if let Err(e) = health::query(&self.app, node, "SELECT pg_promote(true, 60)").await {
+                tracing::error!(node = new_name, error = ?e, "switchover: pg_promote failed");
+            }
+        }
+        self.fail_over(old, Some(node)).await;
+        if self.app.cluster.load().primary != Some(node) {
+            return Err(format!("{new_name} did not become primary; sessions wait for a primary (see the proxy log)"));
+        }
+
+        // 5. The old primary follows the new one, like any standby; back in service if it works.
+        let state = self.snapshot();
+        let nodes = HookNodes { node: old, new_main: Some(node), old_main: Some(old), old_primary: Some(old) };
+        let outcome = self.run_hook("follow_primary_command", &config.failover.follow_primary_command, &state, nodes).await;
+        self.settled.insert(old, Instant::now());
+        let old_state = match (outcome, health::check_once(&self.app, old).await) {
+            (None | Some(HookOutcome::Success), Ok(o)) if o.role == Role::Standby => {
+                let mut next = self.snapshot();
+                next.nodes[old].status = NodeStatus::Up(Role::Standby);
+                next.nodes[old].last_seen = Some(o);
+                self.fenced.remove(&old);
+                self.publish(next);
+                "is a standby now"
+            }
+            _ => {
+                self.no_failback.insert(old);
+                "stays down (follow_primary_command did not make it a standby)"
+            }
+        };
+        let summary = format!(
+            "switched over from {old_name} to {new_name} in {:.2}s; {terminated} connection(s) left on {old_name} were closed; {old_name} {old_state}",
+            started.elapsed().as_secs_f64()
+        );
+        tracing::warn!("{summary}");
+        Ok(summary)
+    }
+
+    /// Calls a switchover off before anything changed: the old primary takes sessions again.
+    fn resume(&mut self, old: usize, why: String) -> Result<String, String> {
+        tracing::error!(reason = why, "switchover called off; the primary stays where it was");
+        let mut next = self.snapshot();
+        next.set_primary(Some(old));
+        self.publish(next);
+        Err(format!("switchover called off: {why}"))
+    }
+
+    /// `auto_failback`: a down standby that streams on the primary's timeline is back in service.
+    async fn try_failback(&mut self, node: usize) {
+        if self.no_failback.contains(&node) {
+            return;
+        }
+        let state = self.snapshot();
+        let Some(timeline) = state.primary.and_then(|p| state.nodes[p].last_seen).map(|o| o.timeline) else {
+            return;
+        };
+        let sql = "SELECT status, received_tli FROM pg_stat_wal_receiver";
+        let Ok(rows) = health::query(&self.app, node, sql).await else { return };
+        let streaming = rows.first().is_some_and(|r| {
+            r.first().and_then(|v| v.as_deref()) == Some("streaming")
+                && r.get(1).and_then(|v| v.as_deref()).and_then(|t| t.parse::<u32>().ok()) == Some(timeline)
+        });
+        if streaming {
+            let mut next = self.snapshot();
+            if matches!(next.nodes[node].status, NodeStatus::Down { .. }) {
+                tracing::warn!(node = self.app.node_name(node), timeline, "auto_failback: standby streams from the primary again; back in service");
+                next.nodes[node].status = NodeStatus::Up(Role::Standby);
+                self.publish(next);
+            }
+        }
+    }
+}
+
+/// The first column of the first row, if any.
+fn first_value(rows: &[Vec<Option<String>>]) -> Option<&str> {
+    rows.first().and_then(|r| r.first()).and_then(|v| v.as_deref())
 }

@@ -43,6 +43,9 @@ pub struct Report {
     pub node: usize,
     /// What the check found.
     pub result: Result<Observed, CheckFailure>,
+    /// When the check started: a report that queued up while the manager was busy can be
+    /// older than what the manager has since seen for itself.
+    pub started: Instant,
 }
 
 const QUERY: &str = "SELECT pg_is_in_recovery(), \
@@ -52,6 +55,18 @@ const QUERY: &str = "SELECT pg_is_in_recovery(), \
 
 /// Checks one node once, within the configured timeout.
 pub async fn check_once(app: &App, node: usize) -> Result<Observed, CheckFailure> {
+    let started = Instant::now();
+    let result = query(app, node, QUERY).await.and_then(|rows| parse_row(rows.first()));
+    app.metrics.health_check_seconds.observe(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        app.metrics.health_check_failures.with_label_values(&[&app.node_name(node)]).inc();
+    }
+    result
+}
+
+/// Runs one statement on a node as the health check user, in a connection of its own, within
+/// the health check timeout. Used by checks and by the failover manager's own questions.
+pub async fn query(app: &App, node: usize, sql: &str) -> Result<Vec<Vec<Option<String>>>, CheckFailure> {
     let config = app.config.load_full();
     let check = &config.health_check;
     let Some(addr) = app.cluster.load().nodes.get(node).map(|n| n.addr()) else {
@@ -71,23 +86,17 @@ pub async fn check_once(app: &App, node: usize) -> Result<Observed, CheckFailure
         params: Arc::new(params),
         credential,
     };
-    let started = Instant::now();
     let attempt = async {
         let mut conn = BackendConn::connect(&spec, 0, check.timeout).await?;
-        let rows = conn.simple_query(QUERY).await;
+        let rows = conn.simple_query(sql).await;
         conn.close().await;
         rows
     };
-    let result = match tokio::time::timeout(check.timeout, attempt).await {
+    match tokio::time::timeout(check.timeout, attempt).await {
         Err(_) => Err(CheckFailure::Timeout),
         Ok(Err(e)) => Err(classify(&e)),
-        Ok(Ok(rows)) => parse_row(rows.first()),
-    };
-    app.metrics.health_check_seconds.observe(started.elapsed().as_secs_f64());
-    if result.is_err() {
-        app.metrics.health_check_failures.with_label_values(&[&app.node_name(node)]).inc();
+        Ok(Ok(rows)) => Ok(rows),
     }
-    result
 }
 
 fn classify(e: &BackendError) -> CheckFailure {
@@ -155,8 +164,9 @@ pub async fn check_with_retries(app: &App, node: usize) -> Result<Observed, Chec
 pub async fn run_checker(app: Arc<App>, node: usize, reports: mpsc::Sender<Report>) {
     let suspect = app.suspect_signal(node);
     loop {
+        let started = Instant::now();
         let result = check_with_retries(&app, node).await;
-        if reports.send(Report { node, result }).await.is_err() {
+        if reports.send(Report { node, result, started }).await.is_err() {
             return;
         }
         let period = app.config.load().health_check.period;

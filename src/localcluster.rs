@@ -1031,7 +1031,37 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         self.stop_immediate();
+        stop_adopted_postmaster(&self.data_dir);
         remove_stale_shmem(&self.data_dir);
+    }
+}
+
+/// Stops a postmaster that runs on this server's data directory but is not our child: one a
+/// failover hook restarted with `pg_ctl start` (after pg_rewind or a rebuild). It is found
+/// by the PID in the data directory's own `postmaster.pid`, and only if that process is a
+/// `postgres` whose working directory is this data directory.
+fn stop_adopted_postmaster(data_dir: &Path) {
+    let Ok(text) = fs::read_to_string(data_dir.join("postmaster.pid")) else {
+        return;
+    };
+    let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) else {
+        return;
+    };
+    let cwd = fs::read_link(format!("/proc/{pid}/cwd")).ok();
+    let ours = match (cwd, fs::canonicalize(data_dir).ok()) {
+        (Some(cwd), Some(dir)) => cwd == dir,
+        _ => false,
+    };
+    if !ours || !process_alive(pid) {
+        return;
+    }
+    signal(pid, libc::SIGQUIT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process_alive(pid) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    if process_alive(pid) {
+        signal(pid, libc::SIGKILL);
     }
 }
 
@@ -1471,7 +1501,9 @@ fn base_conf(sock_dir: &Path, opts: &ClusterOptions) -> String {
          fsync = off\n\
          # on (not off), so commits survive kill9 and wait for a synchronous standby when configured\n\
          synchronous_commit = on\n\
-         full_page_writes = off\n\
+         # both let pg_rewind turn a former primary into a standby (conf/hooks/follow_primary.sh)\n\
+         full_page_writes = on\n\
+         wal_log_hints = on\n\
          wal_level = replica\n\
          max_wal_senders = 10\n\
          max_replication_slots = 10\n\

@@ -44,6 +44,10 @@ pub struct Metrics {
     pub hook_seconds: HistogramVec,
     /// Client sessions moved to a new backend after theirs was lost while idle.
     pub sessions_recovered: IntCounter,
+    /// Idle client sessions moved to the new primary after a switchover or promotion.
+    pub sessions_rerouted: IntCounter,
+    /// Switchovers, by outcome (`done`, `aborted`).
+    pub switchovers: IntCounterVec,
 }
 
 impl Metrics {
@@ -95,6 +99,12 @@ impl Metrics {
                 "sessions_recovered_total",
                 "Client sessions moved to a new backend after theirs was lost while idle",
             ),
+            sessions_rerouted: counter(
+                "sessions_rerouted_total",
+                "Idle client sessions moved to the new primary after a switchover or promotion",
+            ),
+            switchovers: IntCounterVec::new(Opts::new("switchovers_total", "Switchovers by outcome"), &["outcome"])
+                .expect("valid metric"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -115,6 +125,8 @@ impl Metrics {
             Box::new(m.hook_runs.clone()),
             Box::new(m.hook_seconds.clone()),
             Box::new(m.sessions_recovered.clone()),
+            Box::new(m.sessions_rerouted.clone()),
+            Box::new(m.switchovers.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

@@ -38,6 +38,10 @@ pub enum RelayEnd {
     /// The backend announced it is going away (an unsolicited FATAL) while the session was
     /// idle; the message was not forwarded, so the session can continue elsewhere.
     BackendLost,
+    /// The primary assignment changed (switchover, promotion) and the client sent a new request
+    /// while idle. The request was read into the client buffer but not forwarded: the session
+    /// continues on a backend of the current primary.
+    Rerouted,
 }
 
 /// What a client set up on its backend that a replacement backend must be given: named
@@ -323,11 +327,14 @@ async fn forward_client(
 
 /// Relays until the client leaves, the session times out or the proxy shuts down.
 /// `cbuf` may already hold client bytes (the request that caused the backend checkout).
+/// `epoch` is the cluster epoch the backend was assigned under: a request that starts a new
+/// transaction after the epoch moved is not sent to this backend ([`RelayEnd::Rerouted`]).
 pub async fn relay(
     app: &App,
     client: &mut TcpStream,
     cbuf: &mut BytesMut,
     backend: &mut TcpStream,
+    epoch: u64,
     tracker: &mut Tracker,
     session: &mut SessionState,
 ) -> Result<RelayEnd, RelayError> {
@@ -347,6 +354,7 @@ pub async fn relay(
     // polled, and re-creating it every iteration would take the token's lock per message.
     let shutdown = app.shutdown.cancelled();
     tokio::pin!(shutdown);
+    let mut changes = app.cluster_changed.subscribe();
     let mut draining = false;
     loop {
         if cbuf.capacity() - cbuf.len() < READ_CHUNK / 4 {
@@ -363,6 +371,17 @@ pub async fn relay(
                 let n = r.map_err(RelayError::Client)?;
                 if n == 0 {
                     return Ok(RelayEnd::ClientGone);
+                }
+                // Checked only between transactions, and only as an atomic load unless the
+                // cluster view changed: a session keeps its backend until it is idle, then
+                // follows the primary (this is what makes a switchover lose no session).
+                if tracker.is_idle()
+                    && tracker.client.at_boundary()
+                    && changes.has_changed().unwrap_or(false)
+                    && *changes.borrow_and_update() != epoch
+                    && cbuf.first() != Some(&frontend_tag::TERMINATE)
+                {
+                    return Ok(RelayEnd::Rerouted);
                 }
                 if forward_client(cbuf, backend, &mut bbuf, client, tracker, session, max_len, &mut stats).await? {
                     return Ok(RelayEnd::ClientTerminated);

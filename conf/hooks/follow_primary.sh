@@ -8,7 +8,10 @@
 #   $5 %m new primary id   $6 %H its host   $7 %M old main id   $8 %P old primary id
 #   $9 %r new primary port   $10 %R new primary data dir
 #
-# First choice: rewrite primary_conninfo and reload (PostgreSQL 13+ applies it without a
+# A node that is still a primary (the old primary after `pglifeguard ctl switchover`) is
+# stopped, rewound onto the new primary's timeline with pg_rewind (needs wal_log_hints = on
+# or data checksums) and started as a standby.
+# Otherwise, first choice: rewrite primary_conninfo and reload (PostgreSQL 13+ applies it without a
 # restart; with recovery_target_timeline = 'latest', the default, the standby follows the
 # promoted node's new timeline). If the standby is not streaming from the new primary within
 # $FOLLOW_WAIT seconds (it replayed WAL the new primary never had), it is rebuilt from the new
@@ -30,7 +33,21 @@ as_postgres() {
 }
 
 conninfo="host=$NEW_HOST port=$NEW_PORT user=$REPL_USER application_name=node$ID"
-as_postgres "echo \"primary_conninfo = '$conninfo'\" >> '$DATA/postgresql.auto.conf' && '$PG_BIN/pg_ctl' reload -D '$DATA'"
+role=$("$PG_BIN/psql" -X -A -t -h "$HOST" -p "$PORT" -U "$REPL_USER" -d postgres -c "select pg_is_in_recovery()" 2>/dev/null || true)
+if [ "$role" = f ]; then
+    echo "node $ID is still a primary: stopping it and rewinding it onto $NEW_HOST:$NEW_PORT"
+    # A just-promoted server records its new timeline in pg_control only at its next
+    # checkpoint; pg_rewind reads it from there.
+    "$PG_BIN/psql" -X -q -h "$NEW_HOST" -p "$NEW_PORT" -U "$REPL_USER" -d postgres -c checkpoint
+    # pg_rewind copies the source's configuration files; this node keeps its own.
+    as_postgres "'$PG_BIN/pg_ctl' stop -m fast -w -D '$DATA' && cp '$DATA/postgresql.conf' '$DATA.conf.keep' && \
+      '$PG_BIN/pg_rewind' -D '$DATA' --source-server='host=$NEW_HOST port=$NEW_PORT user=$REPL_USER dbname=postgres' && \
+      mv '$DATA.conf.keep' '$DATA/postgresql.conf' && touch '$DATA/standby.signal' && \
+      echo \"primary_conninfo = '$conninfo'\" >> '$DATA/postgresql.auto.conf' && \
+      '$PG_BIN/pg_ctl' start -w -D '$DATA' -l '$DATA/follow_primary.log'" || echo "pg_rewind path failed" >&2
+else
+    as_postgres "echo \"primary_conninfo = '$conninfo'\" >> '$DATA/postgresql.auto.conf' && '$PG_BIN/pg_ctl' reload -D '$DATA'"
+fi
 
 i=0
 while [ "$i" -lt "$((FOLLOW_WAIT * 5))" ]; do

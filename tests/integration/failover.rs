@@ -330,3 +330,117 @@ async fn operator_promotes_a_standby() {
     assert!(status.lines().any(|l| l.contains("node0") && l.contains("down")), "{status}");
     assert!(status.lines().any(|l| l.contains("node1") && l.contains("standby")), "{status}");
 }
+
+/// The example hooks from conf/hooks, as an operator would configure them.
+fn example_hooks() -> String {
+    let hooks = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/hooks");
+    let bin = pg_tool("pg_ctl").parent().expect("bin dir").display().to_string();
+    format!(
+        "  failover_command: \"PG_BIN={bin} {hooks}/failover.sh %d %h %p %D %m %H %M %P %r %R %N %S\"\n\
+         \x20 follow_primary_command: \"PG_BIN={bin} {hooks}/follow_primary.sh %d %h %p %D %m %H %M %P %r %R\"\n\
+         \x20 command_timeout: 120s\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_under_load_loses_no_session_and_no_commit() {
+    let env = Env::start(two_standbys(example_hooks())).await;
+    let setup = env.client().await;
+    setup.batch_execute("create table acked(id int primary key)").await.expect("create");
+    drop(setup);
+
+    // One writer session that must never see an error, and one idle session with a
+    // prepared statement and a setting.
+    let writer_client = env.client().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writer = {
+        let (stop, progress) = (stop.clone(), progress.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut next = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                writer_client.execute("insert into acked values ($1)", &[&next]).await.map_err(|e| (e, acked.len()))?;
+                acked.push(next);
+                next += 1;
+                progress.store(acked.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok::<_, (tokio_postgres::Error, usize)>(acked)
+        })
+    };
+    let idle = env.client().await;
+    let stmt = idle.prepare("select $1::int + 1").await.expect("prepare");
+    idle.batch_execute("set timezone = 'Asia/Tokyo'").await.expect("set");
+    let writes = || progress.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(wait_until(Duration::from_secs(10), || async { writes() >= 20 }).await, "writer made no progress");
+
+    let (ok, out) = ctl(&env, &["switchover", "1"]).await;
+    assert!(ok, "switchover failed: {out}");
+    assert!(out.contains("switched over from node0 to node1") && out.contains("node0 is a standby now"), "{out}");
+    let after = writes();
+    assert!(wait_until(Duration::from_secs(10), || async { writes() >= after + 20 }).await, "writes did not resume");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = match writer.await.expect("writer task") {
+        Ok(acked) => acked,
+        Err((e, n)) => panic!("the writer got an error after {n} writes: {e:?}"),
+    };
+
+    // Sessions moved: writes and the idle session now run on node1, with their state.
+    let node1 = env.cluster.nodes[1].port as i32;
+    assert_eq!(port_of_session(&env).await, Some(node1));
+    let v: i32 = idle.query_one(&stmt, &[&41]).await.expect("prepared statement after switchover").get(0);
+    assert_eq!(v, 42);
+    let row = idle.query_one("select current_setting('timezone'), current_setting('port')::int", &[]).await.expect("query");
+    assert_eq!((row.get::<_, String>(0), row.get::<_, i32>(1)), ("Asia/Tokyo".to_owned(), node1));
+
+    // Every acknowledged write is on the new primary, and the old primary is its standby.
+    let c = env.client().await;
+    let present: i64 =
+        c.query_one("select count(*) from acked where id = any($1)", &[&acked]).await.expect("count").get(0);
+    assert_eq!(present as usize, acked.len(), "acknowledged commits lost");
+    c.batch_execute("create table after_switchover(v int); insert into after_switchover values (7)").await.expect("write");
+    for follower in [0, 2] {
+        let node = &env.cluster.nodes[follower];
+        let followed = wait_until(Duration::from_secs(30), || async {
+            node.psql("select v from after_switchover").map(|o| o.trim() == "7").unwrap_or(false)
+        })
+        .await;
+        assert!(followed, "node{follower} does not follow the new primary");
+        assert_eq!(node.psql("select pg_is_in_recovery()").expect("psql").trim(), "t", "node{follower} is a standby");
+    }
+    let (_, status) = ctl(&env, &["status"]).await;
+    for (name, role) in [("node0", "standby"), ("node1", "primary"), ("node2", "standby")] {
+        assert!(status.lines().any(|l| l.contains(name) && l.contains(role)), "{name} {role}: {status}");
+    }
+    let metrics = http_get(env.proxy.metrics_addr.expect("metrics"), "/metrics").await;
+    assert_eq!(metric(&metrics, "pglifeguard_switchovers_total{outcome=\"done\"}"), 1.0, "{metrics}");
+
+    // A switchover to a node that is not a standby is refused and changes nothing.
+    let (ok, out) = ctl(&env, &["switchover", "1"]).await;
+    assert!(!ok && out.contains("not an in-service standby"), "{out}");
+    assert_eq!(port_of_session(&env).await, Some(node1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_failback_brings_back_a_standby_that_streams_again() {
+    let mut env = Env::start(Setup {
+        cluster: ClusterOptions { standbys: 1, ..Default::default() },
+        failover: "  auto_failback: true\n".to_owned(),
+        ..Setup::default()
+    })
+    .await;
+    let admin = env.proxy.admin_addr.expect("admin");
+    let node1_is = |state: &'static str| async move {
+        http_get(admin, "/status").await.lines().any(|l| l.contains("node1") && l.contains(state))
+    };
+    env.cluster.node_mut(1).stop_immediate();
+    assert!(wait_until(Duration::from_secs(20), || node1_is("down")).await, "stopped standby not marked down");
+    env.cluster.node_mut(1).start().expect("restart standby");
+    assert!(wait_until(Duration::from_secs(30), || node1_is("standby")).await, "streaming standby not brought back");
+
+    // A standby an operator detached stays out even though it streams.
+    let (ok, out) = ctl(&env, &["detach", "1"]).await;
+    assert!(ok, "{out}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(node1_is("down").await, "detached standby came back by itself");
+}
