@@ -44,12 +44,27 @@ pub enum Command {
         #[arg(long, default_value_t = 2)]
         standbys: usize,
     },
-    /// Failover drill on a throwaway cluster: write load and idle sessions through the proxy,
-    /// kill the primary, report timings, client errors and lost commits.
+    /// Failover drill: write load and idle sessions through the proxy, kill the primary,
+    /// report timings, client errors and lost commits. By default on a throwaway cluster;
+    /// with `--config`, against the cluster that config describes.
     Drill {
-        /// Number of standbys (synchronous replication).
+        /// Number of standbys of the throwaway cluster (synchronous replication).
         #[arg(long, default_value_t = 2)]
         standbys: usize,
+        /// Drill an existing cluster: the proxy runs in this process with this config (give
+        /// it a free `listen` port if a proxy already runs with it).
+        #[arg(long, requires = "kill_command")]
+        config: Option<PathBuf>,
+        /// With `--config`: shell command that stops the primary (e.g.
+        /// `ssh db1 pg_ctl stop -m immediate -D /var/lib/postgresql/15/main`).
+        #[arg(long)]
+        kill_command: Option<String>,
+        /// With `--config`: user the drill writes as (password from PGPASSWORD).
+        #[arg(long, default_value = "postgres")]
+        user: String,
+        /// With `--config`: database the drill writes in (it creates table `drill_acked`).
+        #[arg(long, default_value = "postgres")]
+        database: String,
     },
     /// Talk to a running proxy's admin endpoint.
     Ctl {
@@ -82,7 +97,16 @@ pub fn main() -> ExitCode {
         Command::Demo { port, standbys } => crate::demo::run(port, standbys),
         Command::Passwd { user, password, md5 } => passwd(&user, password, md5),
         Command::Ctl { admin, command } => ctl(&admin, &command),
-        Command::Drill { standbys } => crate::drill::run(standbys),
+        Command::Drill { standbys, config: None, .. } => crate::drill::run_local(standbys),
+        Command::Drill { config: Some(config), kill_command, user, database, .. } => {
+            crate::drill::run_existing(crate::drill::Existing {
+                config,
+                kill_command: kill_command.unwrap_or_default(),
+                user,
+                password: std::env::var("PGPASSWORD").ok(),
+                database,
+            })
+        }
     }
 }
 

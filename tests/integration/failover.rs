@@ -444,3 +444,24 @@ async fn auto_failback_brings_back_a_standby_that_streams_again() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(node1_is("down").await, "detached standby came back by itself");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_against_an_existing_cluster_from_its_config() {
+    let env = Env::start(Setup { pool: "  pool_size: 20\n", ..two_standbys(example_hooks()) }).await;
+    // The drill runs its own proxy on this config; this one must not fail over too.
+    env.proxy.app.shutdown.cancel();
+    let pid = env.cluster.nodes[0].pid().expect("primary runs");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pglifeguard"))
+        .arg("drill")
+        .arg("--config")
+        .arg(&env.config_path)
+        .args(["--kill-command", &format!("kill -QUIT {pid}")])
+        .output()
+        .await
+        .expect("run drill");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "drill failed:\n{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(report.contains("idle sessions that survived    10 of 10"), "{report}");
+    assert!(report.contains("acknowledged writes missing    0"), "{report}");
+    assert!(!report.contains("never"), "every phase completed, the hook included: {report}");
+}
