@@ -5,7 +5,8 @@
 //! (opened by [`backend`] on the node [`cluster`] names as primary) and then [`relay`]s
 //! bytes both ways, framed by [`protocol`]. [`health`] checks every node and [`failover`] turns its reports into the cluster view
 //! (running [`hooks`], persisting [`status_file`]);
-//! [`admin`] and [`metrics`] expose it.
+//! [`admin`] and [`metrics`] expose it. Several proxies agree on the cluster and on one
+//! leader through the [`watchdog`] (Raft), and the leader holds the virtual IP ([`vip`]).
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -26,6 +27,7 @@ pub mod hooks;
 pub mod localcluster;
 pub mod metrics;
 pub mod net;
+pub mod netlab;
 pub mod pool;
 pub mod protocol;
 pub mod relay;
@@ -33,3 +35,5 @@ pub mod scram;
 pub mod server;
 pub mod startup;
 pub mod status_file;
+pub mod vip;
+pub mod watchdog;
