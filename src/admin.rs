@@ -74,6 +74,10 @@ async fn handle(app: &App, mut sock: TcpStream, endpoint: Endpoint) -> std::io::
     let (status, ctype, body) = match (endpoint, path) {
         (_, "/metrics") => ("200 OK", "text/plain; version=0.0.4", app.metrics.render()),
         (Endpoint::Admin, "/status") => ("200 OK", "text/plain", status_text(app).into_bytes()),
+        (Endpoint::Admin, "/watchdog") => match &app.watchdog {
+            Some(wd) => ("200 OK", "text/plain", watchdog_text(app, wd).into_bytes()),
+            None => ("404 Not Found", "text/plain", b"watchdog is not configured\n".to_vec()),
+        },
         (Endpoint::Admin, "/health") => {
             if app.cluster.load().primary.is_some() {
                 ("200 OK", "text/plain", b"ok\n".to_vec())
@@ -138,6 +142,40 @@ pub fn status_text(app: &App) -> String {
     let _ = writeln!(out, "\nuser\tdatabase\tin_use\tidle");
     for pool in app.pools.all() {
         let _ = writeln!(out, "{}\t{}\t{}\t{}", pool.key.user, pool.key.database, pool.in_use(), pool.idle_count());
+    }
+    out
+}
+
+/// Human-readable watchdog state: this node, leader, term, lease, VIP, peers; then the
+/// agreed cluster state.
+pub fn watchdog_text(app: &App, wd: &crate::watchdog::Watchdog) -> String {
+    let st = wd.status();
+    let agreed = wd.state().borrow().clone();
+    let mut out = String::new();
+    let _ = writeln!(out, "node\t{}", st.id);
+    let _ = writeln!(out, "state\t{}", st.state);
+    let _ = writeln!(out, "term\t{}", st.term);
+    let _ = writeln!(out, "leader\t{}", st.leader.map(|l| l.to_string()).unwrap_or_else(|| "none".into()));
+    let _ = writeln!(out, "lease\t{}", if st.lease_valid { format!("valid, {} ms left", st.lease_remaining_ms.unwrap_or(0)) } else { "none".into() });
+    let vip = app.config.load().watchdog.as_ref().and_then(|w| w.vip.as_ref()).map(|v| v.address.clone());
+    match vip {
+        Some(addr) => {
+            let held = if app.metrics.vip_held.get() == 1 { "held by this node" } else { "not held by this node" };
+            let _ = writeln!(out, "vip\t{addr} {held}");
+        }
+        None => {
+            let _ = writeln!(out, "vip\tnone configured");
+        }
+    }
+    let _ = writeln!(out, "\npeer\taddress\twitness\treachable");
+    for p in &st.peers {
+        let _ = writeln!(out, "{}\t{}\t{}\t{}", p.id, p.addr, p.witness, p.reachable);
+    }
+    let _ = writeln!(out, "\nagreed primary\t{}", agreed.primary.as_deref().unwrap_or("none"));
+    let _ = writeln!(out, "agreed down\t{}", agreed.down.iter().cloned().collect::<Vec<_>>().join(","));
+    let _ = writeln!(out, "agreed epoch\t{}", agreed.epoch);
+    for (node, peers) in &agreed.reports {
+        let _ = writeln!(out, "failure reports\t{node}\t{}", peers.iter().map(u64::to_string).collect::<Vec<_>>().join(","));
     }
     out
 }

@@ -38,6 +38,8 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// Events for the failover manager (health reports, operator commands).
     pub events: mpsc::Sender<crate::failover::Event>,
+    /// The watchdog peer of this proxy, when `watchdog` is configured.
+    pub watchdog: Option<Arc<crate::watchdog::Watchdog>>,
     /// Wakes a node's health checker at once when a data connection to it fails.
     suspects: Vec<Arc<Notify>>,
     clients: AtomicUsize,
@@ -67,6 +69,7 @@ impl App {
     pub fn new(
         config: Config,
         config_path: Option<PathBuf>,
+        watchdog: Option<Arc<crate::watchdog::Watchdog>>,
     ) -> Result<(Arc<App>, mpsc::Receiver<crate::failover::Event>), UserListError> {
         let users = load_users(&config)?;
         let cluster = ClusterState::new(&config.backends);
@@ -84,6 +87,7 @@ impl App {
             metrics: Metrics::new(),
             shutdown: CancellationToken::new(),
             events,
+            watchdog,
             suspects,
             clients: AtomicUsize::new(0),
             next_client_id: AtomicU64::new(1),

@@ -1,4 +1,4 @@
-//! Command-line interface: `run`, `check-config`, `demo` and `passwd`.
+//! Command-line interface: `run`, `check-config`, `demo`, `drill`, `ctl`, `witness` and `passwd`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -71,7 +71,7 @@ pub enum Command {
         /// Admin address (`admin_listen` of the proxy).
         #[arg(long, default_value = "127.0.0.1:9631")]
         admin: String,
-        /// `status`, `attach N`, `detach N`, `promote N` or `switchover N`.
+        /// `status`, `watchdog`, `attach N`, `detach N`, `promote N` or `switchover N`.
         #[arg(num_args = 1..=2, required = true)]
         command: Vec<String>,
     },
@@ -85,13 +85,39 @@ pub enum Command {
         #[arg(long)]
         md5: bool,
     },
+    /// Run a watchdog witness: a voter without a proxy, the third vote of a two-proxy
+    /// deployment (instead of pgpool's half-vote setting). The config file holds a
+    /// `watchdog:` section like a proxy's.
+    Witness {
+        /// YAML file with a `watchdog:` section.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// The VIP guardian, started by the proxy itself (see `watchdog.vip`).
+    #[command(hide = true)]
+    VipGuardian {
+        /// Guardian arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 /// Entry point used by `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::VipGuardian { args } = cli.command {
+        // stdout is the guardian's channel to the proxy: logs go to stderr.
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+            .with_target(false)
+            .try_init();
+        return crate::vip::guardian_main(args);
+    }
     init_logging(&cli.log);
     match cli.command {
+        Command::VipGuardian { .. } => ExitCode::FAILURE,
+        Command::Witness { config } => witness(&config),
         Command::Run { config } => run(config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Demo { port, standbys } => crate::demo::run(port, standbys),
@@ -225,12 +251,65 @@ fn passwd(user: &str, password: Option<String>, md5: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The `watchdog:` section of a witness's config file.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WitnessFile {
+    watchdog: crate::watchdog::WatchdogConfig,
+}
+
+fn witness(path: &std::path::Path) -> ExitCode {
+    let loaded = std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| serde_yaml::from_str::<WitnessFile>(&text).map_err(|e| e.to_string()));
+    let mut config = match loaded {
+        Ok(f) => f.watchdog,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    if let (true, Some(dir)) = (config.state_dir.is_relative(), path.parent()) {
+        config.state_dir = dir.join(&config.state_dir);
+    }
+    let rt = match runtime(1) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let wd = match crate::watchdog::Watchdog::start(config, crate::watchdog::PeerRole::Witness).await {
+            Ok(wd) => wd,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(node = wd.id(), addr = %wd.local_addr(), "watchdog witness running");
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => {}
+                    _ = i.recv() => {}
+                }
+            }
+            _ => tracing::error!("cannot install signal handlers"),
+        }
+        let _ = wd.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
 fn ctl(admin: &str, command: &[String]) -> ExitCode {
     let request = match command {
         [c] if c == "status" => "GET /status".to_owned(),
+        [c] if c == "watchdog" => "GET /watchdog".to_owned(),
         [c, n] if ["attach", "detach", "promote", "switchover"].contains(&c.as_str()) => format!("POST /nodes/{n}/{c}"),
         _ => {
-            eprintln!("usage: pglifeguard ctl [--admin ADDR] status | attach N | detach N | promote N | switchover N");
+            eprintln!("usage: pglifeguard ctl [--admin ADDR] status | watchdog | attach N | detach N | promote N | switchover N");
             return ExitCode::FAILURE;
         }
     };

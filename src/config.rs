@@ -85,6 +85,10 @@ pub struct Config {
     /// What happens when a node fails.
     #[serde(default)]
     pub failover: FailoverConfig,
+    /// Peers that agree on the cluster and elect the holder of the virtual IP (pgpool:
+    /// watchdog); off when absent.
+    #[serde(default)]
+    pub watchdog: Option<crate::watchdog::WatchdogConfig>,
 }
 
 /// One PostgreSQL server.
@@ -330,6 +334,11 @@ impl Config {
                 *file = base.join(&*file);
             }
         }
+        if let Some(w) = &mut self.watchdog {
+            if w.state_dir.is_relative() {
+                w.state_dir = base.join(&w.state_dir);
+            }
+        }
     }
 
     /// Checks values that parse but make no sense together.
@@ -383,6 +392,16 @@ impl Config {
         if p.max_message_size < 1024 {
             return invalid("pool.max_message_size", "must be at least 1024 bytes".into());
         }
+        if let Some(w) = &self.watchdog {
+            if let Err(e) = w.validate() {
+                return invalid("watchdog", e.to_string());
+            }
+            if let Some(v) = &w.vip {
+                if let Err(e) = crate::vip::GuardianConfig::new(&v.address, &v.interface) {
+                    return invalid("watchdog.vip", e.to_string());
+                }
+            }
+        }
         if self.auth.method != AuthMethod::Trust && self.auth.file.is_none() {
             return invalid(
                 "auth.file",
@@ -409,6 +428,9 @@ impl Config {
         }
         if self.backends != next.backends {
             changed.push("backends");
+        }
+        if format!("{:?}", self.watchdog) != format!("{:?}", next.watchdog) {
+            changed.push("watchdog");
         }
         changed
     }

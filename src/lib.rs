@@ -24,6 +24,7 @@ pub mod drill;
 pub mod failover;
 pub mod health;
 pub mod hooks;
+pub mod leadership;
 pub mod localcluster;
 pub mod metrics;
 pub mod net;

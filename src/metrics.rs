@@ -48,6 +48,14 @@ pub struct Metrics {
     pub sessions_rerouted: IntCounter,
     /// Switchovers, by outcome (`done`, `aborted`).
     pub switchovers: IntCounterVec,
+    /// 1 while this proxy is the watchdog leader (with a valid lease).
+    pub watchdog_leader: IntGauge,
+    /// Current watchdog (Raft) term.
+    pub watchdog_term: IntGauge,
+    /// Times this proxy became the acting watchdog leader.
+    pub watchdog_escalations: IntCounter,
+    /// 1 while the guardian reports the virtual IP up on this host.
+    pub vip_held: IntGauge,
 }
 
 impl Metrics {
@@ -103,6 +111,11 @@ impl Metrics {
                 "sessions_rerouted_total",
                 "Idle client sessions moved to the new primary after a switchover or promotion",
             ),
+            watchdog_leader: IntGauge::new("watchdog_leader", "1 while this proxy is the watchdog leader with a valid lease")
+                .expect("valid metric"),
+            watchdog_term: IntGauge::new("watchdog_term", "Current watchdog term").expect("valid metric"),
+            watchdog_escalations: counter("watchdog_escalations_total", "Times this proxy became the acting watchdog leader"),
+            vip_held: IntGauge::new("vip_held", "1 while the virtual IP is up on this host").expect("valid metric"),
             switchovers: IntCounterVec::new(Opts::new("switchovers_total", "Switchovers by outcome"), &["outcome"])
                 .expect("valid metric"),
             registry,
@@ -127,6 +140,10 @@ impl Metrics {
             Box::new(m.sessions_recovered.clone()),
             Box::new(m.sessions_rerouted.clone()),
             Box::new(m.switchovers.clone()),
+            Box::new(m.watchdog_leader.clone()),
+            Box::new(m.watchdog_term.clone()),
+            Box::new(m.watchdog_escalations.clone()),
+            Box::new(m.vip_held.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

@@ -28,6 +28,9 @@ pub enum StartError {
     /// The users file is invalid.
     #[error(transparent)]
     Users(#[from] crate::auth::UserListError),
+    /// The watchdog could not start (state directory, peer port).
+    #[error("watchdog: {0}")]
+    Watchdog(#[from] crate::watchdog::WatchdogError),
 }
 
 /// A running proxy.
@@ -53,7 +56,12 @@ impl Proxy {
         let listener = bind(config.listen)?;
         let admin = config.admin_listen.map(bind).transpose()?;
         let metrics = config.metrics_listen.map(bind).transpose()?;
-        let (app, events) = App::new(config, config_path)?;
+        let watchdog_config = config.watchdog.clone();
+        let watchdog = match &watchdog_config {
+            Some(w) => Some(Arc::new(crate::watchdog::Watchdog::start(w.clone(), crate::watchdog::PeerRole::Proxy).await?)),
+            None => None,
+        };
+        let (app, events) = App::new(config, config_path, watchdog.clone())?;
         let tasks = TaskTracker::new();
         let local = |l: &TcpListener| l.local_addr().ok();
         let proxy = Proxy {
@@ -64,6 +72,9 @@ impl Proxy {
             tasks: tasks.clone(),
         };
         tasks.spawn(crate::failover::run(Arc::clone(&app), events));
+        if let (Some(wd), Some(w)) = (watchdog, watchdog_config) {
+            tasks.spawn(crate::leadership::run(Arc::clone(&app), wd, w));
+        }
         tasks.spawn(evict_idle(Arc::clone(&app)));
         if let Some(l) = admin {
             tasks.spawn(admin::serve(Arc::clone(&app), l, Endpoint::Admin));
@@ -85,6 +96,12 @@ impl Proxy {
     /// drops everything.
     pub async fn shutdown(self, grace: Duration) {
         self.app.shutdown.cancel();
+        if let Some(wd) = &self.app.watchdog {
+            // Withdraws the lease first, so another peer can take over as soon as possible.
+            if let Err(e) = wd.shutdown().await {
+                tracing::warn!(error = %e, "watchdog did not stop cleanly");
+            }
+        }
         self.tasks.close();
         if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
             tracing::warn!(?grace, "sessions still open after the shutdown grace period; closing them");

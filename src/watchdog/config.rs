@@ -35,6 +35,39 @@ pub struct WatchdogConfig {
     pub lease: Duration,
     /// Directory where the Raft vote, log and snapshot are persisted.
     pub state_dir: PathBuf,
+    /// The virtual IP the leader holds (pgpool: `delegate_IP`); none when absent.
+    #[serde(default)]
+    pub vip: Option<VipConfig>,
+    /// Run when this node becomes the leader, before it brings the VIP up (pgpool:
+    /// `wd_escalation_command`).
+    #[serde(default)]
+    pub escalation_command: String,
+    /// Run when this node stops being the leader, after the VIP is dropped (pgpool:
+    /// `wd_de_escalation_command`).
+    #[serde(default)]
+    pub de_escalation_command: String,
+}
+
+/// The virtual IP and how it is brought up, announced and dropped. Commands are shell
+/// templates with pgpool's `$_IP_$` placeholder; empty ones get defaults using
+/// `ip addr add/del` and `arping`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipConfig {
+    /// `ADDRESS/PREFIX`, e.g. `10.0.0.50/24` (pgpool: `delegate_IP`, with the prefix from
+    /// its `if_up_cmd`).
+    pub address: String,
+    /// Interface the address is added to.
+    pub interface: String,
+    /// pgpool: `if_up_cmd`.
+    #[serde(default)]
+    pub if_up_cmd: String,
+    /// pgpool: `if_down_cmd`.
+    #[serde(default)]
+    pub if_down_cmd: String,
+    /// pgpool: `arping_cmd`.
+    #[serde(default)]
+    pub arping_cmd: String,
 }
 
 /// One other voter of the cluster.
@@ -82,6 +115,9 @@ impl WatchdogConfig {
             election_timeout_max: default_election_max(),
             lease: default_lease(),
             state_dir,
+            vip: None,
+            escalation_command: String::new(),
+            de_escalation_command: String::new(),
         }
     }
 

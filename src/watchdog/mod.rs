@@ -59,7 +59,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use config::{PeerConfig, WatchdogConfig};
+pub use config::{PeerConfig, VipConfig, WatchdogConfig};
 pub use error::WatchdogError;
 pub use types::{Command, SharedState, TypeConfig};
 

@@ -10,3 +10,4 @@ mod jdbc;
 mod pgbench;
 mod pooling;
 mod protocol;
+mod watchdog;

@@ -9,6 +9,10 @@
 //! - While a primary is recorded, any other node claiming to be primary is taken out of
 //!   service (and fenced by `fence_command`); sessions never follow a claim alone.
 //! - With no primary recorded, sessions wait (`hold_timeout`) instead of going anywhere.
+//!
+//! With a watchdog, the peers' agreed state decides instead ([`agreement`]): each peer reports
+//! what its own checks see, and only the leader, once a quorum of peers reports the same
+//! failure, runs the failover and its hooks.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -22,6 +26,9 @@ use crate::health::{self, CheckFailure, Report};
 use crate::hooks::{self, HookNodes, HookOutcome};
 use crate::status_file;
 
+mod agreement;
+use agreement::Agreement;
+
 /// Something the manager must act on.
 #[derive(Debug)]
 pub enum Event {
@@ -34,6 +41,8 @@ pub enum Event {
     /// Operator: make this standby the primary (pgpool's `pcp_promote_node`): the current
     /// primary is taken out of service and the failover runs with this node as `%m`.
     Promote(usize, oneshot::Sender<Result<(), String>>),
+    /// The watchdog peers' agreed state changed, or this node's leadership did.
+    Agreed(crate::watchdog::SharedState),
     /// Operator: hand the primary role to this standby without losing sessions or commits:
     /// hold new transactions, let open ones finish, wait until the standby has replayed
     /// everything, promote it, and make the old primary follow it.
@@ -42,8 +51,13 @@ pub enum Event {
 
 /// Runs the manager until shutdown. Spawns the per-node health checkers.
 pub async fn run(app: Arc<App>, mut events: mpsc::Receiver<Event>) {
-    let mut manager = Manager { app: Arc::clone(&app), fenced: HashSet::new(), no_failback: HashSet::new(), settled: HashMap::new() };
+    let agreement = app.watchdog.as_ref().map(|wd| Agreement::new(Arc::clone(wd), &app));
+    let mut manager =
+        Manager { app: Arc::clone(&app), fenced: HashSet::new(), no_failback: HashSet::new(), settled: HashMap::new(), agreement };
     manager.initial_discovery().await;
+    if let Some(wd) = &app.watchdog {
+        tokio::spawn(agreement::watch(Arc::clone(wd), Arc::clone(&app)));
+    }
     let nodes = app.cluster.load().nodes.len();
     for node in 0..nodes {
         let tx = app.events.clone();
@@ -80,6 +94,8 @@ struct Manager {
     /// Per node, when the manager last set its state from a check of its own: health reports
     /// started before that are stale and dropped.
     settled: HashMap<usize, Instant>,
+    /// With a watchdog: what the peers agreed and what this peer reported.
+    agreement: Option<Agreement>,
 }
 
 impl Manager {
@@ -163,8 +179,13 @@ impl Manager {
     }
 
     async fn handle(&mut self, event: Event) {
+        let Some(event) = self.refuse_unless_leader(event) else { return };
+        let before = self.snapshot();
+        let operator = !matches!(event, Event::Report(_) | Event::Agreed(_));
         match event {
+            Event::Report(r) if self.agreement.is_some() => self.on_report_agreed(r).await,
             Event::Report(r) => self.on_report(r).await,
+            Event::Agreed(s) => self.on_agreed(s).await,
             Event::Detach(node, reply) => {
                 let _ = reply.send(self.detach(node).await);
             }
@@ -180,6 +201,9 @@ impl Manager {
                 self.app.metrics.switchovers.with_label_values(&[outcome]).inc();
                 let _ = reply.send(result);
             }
+        }
+        if operator {
+            self.share_operator_change(&before).await;
         }
     }
 
