@@ -14,7 +14,7 @@ use crate::server::Proxy;
 #[command(version, about)]
 pub struct Cli {
     /// Log filter (tracing EnvFilter syntax), overridden by RUST_LOG.
-    #[arg(long, global = true, default_value = "info")]
+    #[arg(long, global = true, default_value = "info,openraft=warn")]
     pub log: String,
     /// What to do.
     #[command(subcommand)]
@@ -43,6 +43,9 @@ pub enum Command {
         /// Number of standbys.
         #[arg(long, default_value_t = 2)]
         standbys: usize,
+        /// Run this many proxies (2 or more) with a watchdog among them, on consecutive ports.
+        #[arg(long, default_value_t = 1)]
+        peers: usize,
     },
     /// Failover drill: write load and idle sessions through the proxy, kill the primary,
     /// report timings, client errors and lost commits. By default on a throwaway cluster;
@@ -120,7 +123,7 @@ pub fn main() -> ExitCode {
         Command::Witness { config } => witness(&config),
         Command::Run { config } => run(config),
         Command::CheckConfig { file } => check_config(&file),
-        Command::Demo { port, standbys } => crate::demo::run(port, standbys),
+        Command::Demo { port, standbys, peers } => crate::demo::run(port, standbys, peers),
         Command::Passwd { user, password, md5 } => passwd(&user, password, md5),
         Command::Ctl { admin, command } => ctl(&admin, &command),
         Command::Drill { standbys, config: None, .. } => crate::drill::run_local(standbys),

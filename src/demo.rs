@@ -51,8 +51,8 @@ pub fn prepare(port: u16, standbys: usize, synchronous: bool) -> Result<DemoSetu
 const FAILOVER_HOOK: &str = include_str!("../conf/hooks/failover.sh");
 const FOLLOW_PRIMARY_HOOK: &str = include_str!("../conf/hooks/follow_primary.sh");
 
-/// Runs the demo until Ctrl-C.
-pub fn run(port: u16, standbys: usize) -> ExitCode {
+/// Runs the demo until Ctrl-C; with `peers` > 1, that many proxies with a watchdog.
+pub fn run(port: u16, standbys: usize, peers: usize) -> ExitCode {
     eprintln!("starting a PostgreSQL primary and {standbys} streaming standbys...");
     let DemoSetup { cluster, config_path } = match prepare(port, standbys, false) {
         Ok(s) => s,
@@ -76,6 +76,13 @@ pub fn run(port: u16, standbys: usize) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if peers > 1 {
+        let code = rt.block_on(run_peers(port, peers, &cluster, config_path.clone()));
+        drop(rt);
+        eprintln!("stopping PostgreSQL servers and removing {}", dir.display());
+        drop(cluster);
+        return code;
+    }
     let code = rt.block_on(async {
         let proxy = match Proxy::start(config, Some(config_path.clone())).await {
             Ok(p) => p,
@@ -95,6 +102,81 @@ pub fn run(port: u16, standbys: usize) -> ExitCode {
     eprintln!("stopping PostgreSQL servers and removing {}", dir.display());
     drop(cluster);
     code
+}
+
+/// Writes one config per peer (next to the single-proxy one) with a `watchdog:` section, starts
+/// them all in this process, and serves until SIGINT/SIGTERM.
+async fn run_peers(port: u16, peers: usize, cluster: &LocalCluster, base: PathBuf) -> ExitCode {
+    let base_text = match std::fs::read_to_string(&base) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("cannot read {}: {e}", base.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let raft_ports: Vec<u16> = (0..peers)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0))
+        .collect();
+    let mut proxies = Vec::new();
+    for i in 0..peers {
+        let id = i as u64 + 1;
+        let listen = if port == 0 { 0 } else { port + i as u16 };
+        let others: String = (0..peers)
+            .filter(|&j| j != i)
+            .map(|j| format!("    - {{ id: {}, addr: \"127.0.0.1:{}\" }}\n", j + 1, raft_ports[j]))
+            .collect();
+        let text = base_text
+            .replace(&format!("listen: 127.0.0.1:{port}\n"), &format!("listen: 127.0.0.1:{listen}\n"))
+            .replace("status_file: status\n", &format!("status_file: status{id}\n"))
+            + &format!(
+                "watchdog:\n  node_id: {id}\n  listen: 127.0.0.1:{}\n  state_dir: watchdog{id}\n  peers:\n{others}",
+                raft_ports[i]
+            );
+        let path = base.with_file_name(format!("pglifeguard-peer{id}.yaml"));
+        let started = match std::fs::write(&path, text).map_err(|e| e.to_string()).and_then(|()| Config::load(&path).map_err(|e| e.to_string())) {
+            Ok(config) => Proxy::start(config, Some(path.clone())).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok(p) => proxies.push((id, path, p)),
+            Err(e) => {
+                eprintln!("cannot start peer {id}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    for (_, _, p) in &proxies {
+        p.wait_for_primary(Duration::from_secs(30)).await;
+    }
+    let mut lines = String::new();
+    for (id, path, p) in &proxies {
+        let admin = p.admin_addr.map(|a| a.to_string()).unwrap_or_default();
+        lines.push_str(&format!(
+            "    peer {id}: psql \"postgresql://{DEMO_USER}:{DEMO_PASSWORD}@127.0.0.1:{}/postgres\"\n\
+             \x20           pglifeguard ctl --admin {admin} watchdog      (config {})\n",
+            p.addr.port(),
+            path.display()
+        ));
+    }
+    let nodes: String =
+        cluster.nodes.iter().map(|n| format!("    {} 127.0.0.1:{}  data {}\n", n.name, n.port, n.data_dir.display())).collect();
+    println!(
+        "\npglifeguard demo is running with {peers} watchdog peers (no virtual IP on loopback).\n\n\
+         PostgreSQL nodes:\n{nodes}\nProxies:\n{lines}\n\
+         The leader runs failovers once a majority of the peers sees the primary fail.\n\
+         Press Ctrl-C to stop everything and remove the temporary directory.\n"
+    );
+    use tokio::signal::unix::{signal, SignalKind};
+    if let (Ok(mut t), Ok(mut i)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        tokio::select! {
+            _ = t.recv() => {}
+            _ = i.recv() => {}
+        }
+    }
+    for (_, _, p) in proxies {
+        p.shutdown(Duration::from_secs(5)).await;
+    }
+    ExitCode::SUCCESS
 }
 
 fn demo_config(port: u16, cluster: &LocalCluster, hooks: &Path, pg_bin: &str) -> String {

@@ -60,6 +60,7 @@ pub async fn run(app: Arc<App>, wd: Arc<Watchdog>, config: WatchdogConfig) {
             }
         });
     }
+    let clock = ClockPair::capture();
     let mut lease = wd.lease();
     let mut tick = tokio::time::interval(config.heartbeat_interval / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -87,7 +88,7 @@ pub async fn run(app: Arc<App>, wd: Arc<Watchdog>, config: WatchdogConfig) {
                     }
                 }
                 if let Some(g) = guardian.as_mut() {
-                    if let Err(e) = g.renew(to_monotonic(deadline, now)).await {
+                    if let Err(e) = g.renew(clock.to_monotonic_ns(deadline)).await {
                         tracing::error!(error = %e, "cannot renew the VIP lease with the guardian");
                     }
                 }
@@ -123,10 +124,31 @@ fn spawn_guardian(config: &GuardianConfig) -> Result<Guardian, crate::vip::Guard
     Guardian::spawn(&exe, &["vip-guardian"], config)
 }
 
-/// The lease deadline as an absolute CLOCK_MONOTONIC time for the guardian. `Instant` is
-/// CLOCK_MONOTONIC on Linux, but opaque: the offset is taken now, and rounded down.
-fn to_monotonic(deadline: Instant, now: Instant) -> u64 {
-    let left = deadline.saturating_duration_since(now);
-    let left_ns = u64::try_from(left.as_nanos()).unwrap_or(u64::MAX);
-    monotonic_ns().saturating_add(left_ns).saturating_sub(1_000_000)
+/// Maps `Instant`s to absolute CLOCK_MONOTONIC nanoseconds for the guardian. On Linux both are
+/// the same clock, so the offset between them is constant: it is measured once, with both
+/// readings taken back to back. Mapping each deadline through "now" instead would be wrong for
+/// a process frozen between reading the lease and writing to the guardian: the deadline
+/// would move forward by the length of the freeze.
+struct ClockPair {
+    instant: Instant,
+    monotonic_ns: u64,
+}
+
+impl ClockPair {
+    fn capture() -> ClockPair {
+        loop {
+            let before = monotonic_ns();
+            let instant = Instant::now();
+            let after = monotonic_ns();
+            // Using the earlier reading errs towards an earlier deadline.
+            if after.saturating_sub(before) < 1_000_000 {
+                return ClockPair { instant, monotonic_ns: before };
+            }
+        }
+    }
+
+    fn to_monotonic_ns(&self, deadline: Instant) -> u64 {
+        let since = deadline.saturating_duration_since(self.instant);
+        self.monotonic_ns.saturating_add(u64::try_from(since.as_nanos()).unwrap_or(u64::MAX))
+    }
 }

@@ -292,6 +292,24 @@ impl Lab {
         })
     }
 
+    /// Connects the root namespace to the bridge: a veth whose root end gets address `.254`
+    /// of the lab's /24, so the hosts can reach services of the test process (which runs in
+    /// the root namespace). Deleting the switch namespace deletes both ends.
+    pub fn uplink(&self) -> Result<String, LabError> {
+        let root_end = format!("plgu{}", self.prefix.trim_start_matches("plg"));
+        if root_end.len() > 15 {
+            return Err(LabError::InvalidName(root_end));
+        }
+        let sw = self.switch_ns.as_str();
+        ip(&["link", "add", &root_end, "type", "veth", "peer", "name", "up0", "netns", sw])?;
+        ip(&["-n", sw, "link", "set", "up0", "master", "br0"])?;
+        ip(&["-n", sw, "link", "set", "up0", "up"])?;
+        let addr = self.ip(254);
+        ip(&["addr", "add", &format!("{addr}/24"), "dev", &root_end])?;
+        ip(&["link", "set", &root_end, "up"])?;
+        Ok(addr)
+    }
+
     /// Starts sampling, every `period`, which of `hosts` have `vip` assigned.
     pub fn sampler(&self, vip: &str, hosts: &[&Host], period: Duration) -> Sampler {
         Sampler::start(vip, hosts, period)

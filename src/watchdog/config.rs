@@ -85,17 +85,20 @@ pub struct PeerConfig {
     pub witness: bool,
 }
 
+// Defaults sized for a VIP that moves within about a second of a leader's failure: detection
+// (election timeout) plus one lease that the new leader waits out. A leader whose heartbeats
+// are not acknowledged for a lease drops the VIP, so the lease is several heartbeats long.
 fn default_heartbeat() -> Duration {
-    Duration::from_millis(100)
+    Duration::from_millis(50)
 }
 fn default_election_min() -> Duration {
-    Duration::from_millis(400)
+    Duration::from_millis(200)
 }
 fn default_election_max() -> Duration {
-    Duration::from_millis(700)
+    Duration::from_millis(350)
 }
 fn default_lease() -> Duration {
-    Duration::from_millis(600)
+    Duration::from_millis(400)
 }
 
 impl WatchdogConfig {

@@ -10,4 +10,5 @@ mod jdbc;
 mod pgbench;
 mod pooling;
 mod protocol;
+mod vip;
 mod watchdog;

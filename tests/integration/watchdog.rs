@@ -31,26 +31,35 @@ impl Drop for Peer {
 }
 
 impl Peer {
-    /// `/watchdog` of a proxy; empty while it is not listening yet.
     async fn watchdog(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let Some(addr) = self.admin else { return String::new() };
-        let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return String::new() };
-        let mut out = String::new();
-        if s.write_all(b"GET /watchdog HTTP/1.0\r\n\r\n").await.is_err() || s.read_to_string(&mut out).await.is_err() {
-            return String::new();
+        match self.admin {
+            Some(a) => watchdog_text(a).await,
+            None => String::new(),
         }
-        out
     }
 
-    /// (term, leader id, lease valid) from `/watchdog`.
     async fn view(&self) -> (u64, Option<u64>, bool) {
-        let text = self.watchdog().await;
-        let field = |name: &str| {
-            text.lines().find_map(|l| l.strip_prefix(&format!("{name}\t")).map(str::to_owned)).unwrap_or_default()
-        };
-        (field("term").parse().unwrap_or(0), field("leader").parse().ok(), field("lease").starts_with("valid"))
+        parse_view(&self.watchdog().await)
     }
+}
+
+/// `/watchdog` of a proxy; empty while it is not listening yet.
+async fn watchdog_text(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return String::new() };
+    let mut out = String::new();
+    if s.write_all(b"GET /watchdog HTTP/1.0\r\n\r\n").await.is_err() || s.read_to_string(&mut out).await.is_err() {
+        return String::new();
+    }
+    out
+}
+
+/// (term, leader id, lease valid) from a `/watchdog` answer.
+fn parse_view(text: &str) -> (u64, Option<u64>, bool) {
+    let field = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name}\t")).map(str::to_owned)).unwrap_or_default()
+    };
+    (field("term").parse().unwrap_or(0), field("leader").parse().ok(), field("lease").starts_with("valid"))
 }
 
 /// A set of voters sharing one throwaway directory.
@@ -259,4 +268,57 @@ async fn failover_needs_a_quorum_of_peers_and_runs_the_hook_once() {
     assert_eq!(std::fs::read_to_string(&marker).unwrap_or_default(), "0\n", "failover_command ran exactly once");
     let status = leader_peer.watchdog().await;
     assert!(status.contains("agreed primary\tnode1") && status.contains("agreed down\tnode0"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_with_three_peers_elects_a_leader_and_cleans_up() {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pglifeguard"))
+        .args(["--log", "warn,openraft=error", "demo", "--port", "0", "--peers", "3", "--standbys", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start demo");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut admins = Vec::new();
+    let mut dir = None;
+    let banner = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(rest) = line.split("ctl --admin ").nth(1) {
+                admins.push(rest.split_whitespace().next().unwrap_or_default().parse::<std::net::SocketAddr>().expect("admin"));
+                dir = rest.split("(config ").nth(1).map(|p| PathBuf::from(p.trim_end_matches(')')).parent().map(Path::to_owned));
+            }
+            if line.contains("Press Ctrl-C") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(banner, Ok(true), "demo banner");
+    assert_eq!(admins.len(), 3);
+    let views = || async {
+        let mut leaders = Vec::new();
+        for a in &admins {
+            let text = watchdog_text(*a).await;
+            leaders.push((parse_view(&text), text.contains("agreed primary\tnode0")));
+        }
+        leaders
+    };
+    let agreed = wait_until(Duration::from_secs(30), || async {
+        let v = views().await;
+        let leader = v[0].0 .1;
+        leader.is_some() && v.iter().all(|((_, l, _), primary)| *l == leader && *primary) && v.iter().filter(|((_, _, lease), _)| *lease).count() == 1
+    })
+    .await;
+    assert!(agreed, "demo peers did not agree on a leader and the primary");
+    // SAFETY: plain kill(2) of the demo process this test started.
+    unsafe {
+        libc::kill(child.id().expect("pid") as i32, libc::SIGINT);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.expect("demo exits").expect("wait");
+    assert!(status.success());
+    let dir = dir.flatten().expect("demo directory");
+    assert!(!dir.exists(), "demo removed {}", dir.display());
 }
