@@ -409,7 +409,7 @@ fn config_parsing_and_validation() {
     let json = r#"{"node_id":1,"listen":"127.0.0.1:7001","peers":[{"id":2,"addr":"h2:7001"},{"id":3,"addr":"w:7001","witness":true}],"heartbeat_interval":"50ms","state_dir":"/tmp/x"}"#;
     let cfg: WatchdogConfig = serde_json::from_str(json).expect("parse");
     assert_eq!(cfg.heartbeat_interval, Duration::from_millis(50));
-    assert_eq!(cfg.election_timeout_min, Duration::from_millis(400));
+    assert_eq!(cfg.election_timeout_min, Duration::from_millis(200));
     assert!(cfg.peers[1].witness);
     cfg.validate().expect("valid");
     let bad =
