@@ -34,8 +34,11 @@ pub struct App {
     pub cancels: Arc<CancelRegistry>,
     /// Metrics registry.
     pub metrics: Metrics,
-    /// Cancelled when the proxy shuts down.
+    /// Cancelled when the proxy shuts down (through [`App::begin_shutdown`]).
     pub shutdown: CancellationToken,
+    /// Set just before `shutdown` is cancelled: a flag the relay can read for the price of a
+    /// load (see [`crate::relay`]).
+    stopping: std::sync::atomic::AtomicBool,
     /// Events for the failover manager (health reports, operator commands).
     pub events: mpsc::Sender<crate::failover::Event>,
     /// The watchdog peer of this proxy, when `watchdog` is configured.
@@ -86,6 +89,7 @@ impl App {
             cancels: Arc::new(CancelRegistry::default()),
             metrics: Metrics::new(),
             shutdown: CancellationToken::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             events,
             watchdog,
             suspects,
@@ -93,6 +97,17 @@ impl App {
             next_client_id: AtomicU64::new(1),
         });
         Ok((app, events_rx))
+    }
+
+    /// Starts shutting the proxy down: every task watching [`App::shutdown`] winds down.
+    pub fn begin_shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.shutdown.cancel();
+    }
+
+    /// Whether [`App::begin_shutdown`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 
     /// Reports that a data connection to `node` failed, so its health is checked now rather

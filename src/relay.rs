@@ -325,6 +325,39 @@ async fn forward_client(
     Ok(scan.stopped)
 }
 
+/// Resolves when the proxy shuts down. The select loop polls it every time both sockets are
+/// idle, i.e. twice per transaction; polling the token's future costs a lock-free but long
+/// walk through its waiter list, so it is polled once, to register this task's waker, and
+/// afterwards only the flag that [`App::begin_shutdown`] sets before cancelling is read.
+struct ShutdownSignal<'a, F> {
+    app: &'a App,
+    cancelled: std::pin::Pin<&'a mut F>,
+    registered: bool,
+}
+
+impl<F: std::future::Future<Output = ()>> std::future::Future for ShutdownSignal<'_, F> {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.app.is_stopping() {
+            return std::task::Poll::Ready(());
+        }
+        if !self.registered {
+            self.registered = true;
+            return self.cancelled.as_mut().poll(cx);
+        }
+        std::task::Poll::Pending
+    }
+}
+
+/// What woke the relay loop.
+enum Wake {
+    Client(std::io::Result<usize>),
+    Backend(std::io::Result<usize>),
+    Shutdown,
+    IdleTimeout,
+}
+
 /// Relays until the client leaves, the session times out or the proxy shuts down.
 /// `cbuf` may already hold client bytes (the request that caused the backend checkout).
 /// `epoch` is the cluster epoch the backend was assigned under: a request that starts a new
@@ -352,8 +385,9 @@ pub async fn relay(
     tokio::pin!(idle_sleep);
     // Created once: a cancellation future registers itself with the shared token when first
     // polled, and re-creating it every iteration would take the token's lock per message.
-    let shutdown = app.shutdown.cancelled();
-    tokio::pin!(shutdown);
+    let cancelled = app.shutdown.cancelled();
+    tokio::pin!(cancelled);
+    let mut shutdown = ShutdownSignal { app, cancelled, registered: false };
     let mut changes = app.cluster_changed.subscribe();
     let mut draining = false;
     loop {
@@ -363,11 +397,28 @@ pub async fn relay(
         if bbuf.capacity() - bbuf.len() < READ_CHUNK / 4 {
             bbuf.reserve(READ_CHUNK);
         }
-        // Biased: when a socket woke the task its branch is ready, so the shutdown and idle
-        // branches (whose polls take locks) are only polled on wake-ups they caused.
-        tokio::select! {
-            biased;
-            r = client.read_buf(cbuf) => {
+        // Biased, with the socket expected to speak next polled first: a wake-up is then
+        // served by the first poll, and the shutdown and idle branches are only polled when
+        // both sockets are quiet.
+        let wake = if tracker.outstanding > 0 {
+            tokio::select! {
+                biased;
+                r = backend.read_buf(&mut bbuf) => Wake::Backend(r),
+                r = client.read_buf(cbuf) => Wake::Client(r),
+                _ = &mut shutdown, if !draining => Wake::Shutdown,
+                _ = &mut idle_sleep, if idle_enabled && tracker.is_idle() => Wake::IdleTimeout,
+            }
+        } else {
+            tokio::select! {
+                biased;
+                r = client.read_buf(cbuf) => Wake::Client(r),
+                r = backend.read_buf(&mut bbuf) => Wake::Backend(r),
+                _ = &mut shutdown, if !draining => Wake::Shutdown,
+                _ = &mut idle_sleep, if idle_enabled && tracker.is_idle() => Wake::IdleTimeout,
+            }
+        };
+        match wake {
+            Wake::Client(r) => {
                 let n = r.map_err(RelayError::Client)?;
                 if n == 0 {
                     return Ok(RelayEnd::ClientGone);
@@ -391,7 +442,7 @@ pub async fn relay(
                     idle_sleep.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                 }
             }
-            r = backend.read_buf(&mut bbuf) => {
+            Wake::Backend(r) => {
                 let n = r.map_err(RelayError::Backend)?;
                 if n == 0 {
                     return Err(RelayError::BackendClosed);
@@ -406,15 +457,13 @@ pub async fn relay(
                     idle_sleep.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                 }
             }
-            _ = &mut shutdown, if !draining => {
+            Wake::Shutdown => {
                 draining = true;
                 if tracker.is_idle() {
                     return Ok(RelayEnd::Shutdown);
                 }
             }
-            _ = &mut idle_sleep, if idle_enabled && tracker.is_idle() => {
-                return Ok(RelayEnd::IdleTimeout);
-            }
+            Wake::IdleTimeout => return Ok(RelayEnd::IdleTimeout),
         }
     }
 }

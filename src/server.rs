@@ -95,7 +95,7 @@ impl Proxy {
     /// Stops accepting, lets sessions finish their current transaction (up to `grace`), then
     /// drops everything.
     pub async fn shutdown(self, grace: Duration) {
-        self.app.shutdown.cancel();
+        self.app.begin_shutdown();
         if let Some(wd) = &self.app.watchdog {
             // Withdraws the lease first, so another peer can take over as soon as possible.
             if let Err(e) = wd.shutdown().await {

@@ -38,7 +38,7 @@ impl Default for Setup {
 impl Env {
     /// Starts a second proxy with the same config file (as after a restart of the first).
     pub async fn restart_proxy(&mut self) {
-        self.proxy.app.shutdown.cancel();
+        self.proxy.app.begin_shutdown();
         let config = Config::load(&self.config_path).expect("valid config");
         let replacement = Proxy::start(config, Some(self.config_path.clone())).await.expect("restart proxy");
         let old = std::mem::replace(&mut self.proxy, replacement);
@@ -103,7 +103,7 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        self.proxy.app.shutdown.cancel();
+        self.proxy.app.begin_shutdown();
     }
 }
 

@@ -449,7 +449,7 @@ async fn auto_failback_brings_back_a_standby_that_streams_again() {
 async fn drill_against_an_existing_cluster_from_its_config() {
     let env = Env::start(Setup { pool: "  pool_size: 20\n", ..two_standbys(example_hooks()) }).await;
     // The drill runs its own proxy on this config; this one must not fail over too.
-    env.proxy.app.shutdown.cancel();
+    env.proxy.app.begin_shutdown();
     let pid = env.cluster.nodes[0].pid().expect("primary runs");
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pglifeguard"))
         .arg("drill")
