@@ -17,6 +17,9 @@ use crate::app::App;
 use crate::backend::{BackendConn, BackendError, ConnectSpec};
 use crate::startup::parse_options;
 
+
+/// ParameterStatus name/value pairs a client is welcomed with, shared by a pool's clients.
+type Welcome = Arc<Vec<(String, String)>>;
 /// Identifies a pool.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -70,7 +73,7 @@ pub struct Pool {
     idle: Mutex<Vec<BackendConn>>,
     /// ParameterStatus values seen by a client with the given startup parameters, so later
     /// clients with the same parameters can be welcomed before a backend is assigned.
-    welcomes: Mutex<HashMap<Params, Arc<Vec<(String, String)>>>>,
+    welcomes: Mutex<HashMap<Params, Welcome>>,
 }
 
 /// A connection lent to one client. Dropping it without [`Lease::release`] closes the

@@ -338,7 +338,7 @@ mod tests {
         let mut stream = Vec::new();
         for i in 0..20u8 {
             stream.extend(msg(b'D', &vec![i; i as usize * 3]));
-            stream.extend(msg(b'Z', &[b'I']));
+            stream.extend(msg(b'Z', b"I"));
         }
         for cut in 0..stream.len() {
             let mut f = Framer::new();

@@ -184,18 +184,9 @@ mod tests {
     use super::*;
 
     fn packet(params: &[(&str, &str)]) -> Vec<u8> {
-        let mut body = Vec::new();
-        body.extend_from_slice(&196608i32.to_be_bytes());
-        for (k, v) in params {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        out.extend(body);
-        out
+        let mut out = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::startup_message(params.iter().copied(), &mut out).expect("encode");
+        out.to_vec()
     }
 
     #[tokio::test]

@@ -13,17 +13,10 @@ fn setup() -> Setup {
 }
 
 fn startup_packet(user: &str) -> Vec<u8> {
-    let mut body = 196608i32.to_be_bytes().to_vec();
-    for (k, v) in [("user", user), ("database", "postgres")] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    out.extend(body);
-    out
+    let mut out = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::startup_message([("user", user), ("database", "postgres")], &mut out)
+        .expect("encode startup");
+    out.to_vec()
 }
 
 fn message(tag: u8, body: &[u8]) -> Vec<u8> {

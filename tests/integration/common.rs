@@ -17,6 +17,7 @@ pub struct Env {
 }
 
 /// Knobs for [`Env::start`].
+#[derive(Default)]
 pub struct Setup {
     pub cluster: ClusterOptions,
     /// Extra YAML appended under `pool:`.
@@ -29,11 +30,6 @@ pub struct Setup {
     pub failover: String,
 }
 
-impl Default for Setup {
-    fn default() -> Self {
-        Setup { cluster: ClusterOptions::default(), pool: "", auth: String::new(), users: String::new(), failover: String::new() }
-    }
-}
 
 impl Env {
     /// Starts a second proxy with the same config file (as after a restart of the first).

@@ -66,7 +66,7 @@ async fn primary_killed_under_load_writes_resume_and_standby_follows() {
             let mut next = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 if let Ok(c) = connect(&url).await {
-                    while let Ok(_) = c.execute("insert into acked values ($1)", &[&next]).await {
+                    while c.execute("insert into acked values ($1)", &[&next]).await.is_ok() {
                         acked.push(next);
                         next += 1;
                         if stop.load(std::sync::atomic::Ordering::Relaxed) {

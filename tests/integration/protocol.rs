@@ -180,7 +180,7 @@ async fn cancel_reaches_the_right_backend() {
     assert!(running, "victim query never started");
     token.cancel_query(NoTls).await.expect("send cancel");
     let result = tokio::time::timeout(Duration::from_secs(30), sleeping).await.expect("cancel took effect").expect("join");
-    let err = result.err().expect("query was cancelled");
+    let err = result.expect_err("query was cancelled");
     assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED));
     let (bystander_ok, _) = bystander_sleep.await.expect("join");
     assert!(bystander_ok, "the other session's query was not cancelled");
