@@ -27,8 +27,6 @@ pub(super) struct Agreement {
     wd: Arc<Watchdog>,
     /// Reports needed to fail a backend: a majority of the proxy peers.
     quorum: usize,
-    /// Backends this peer currently reports as failed.
-    reported: HashSet<usize>,
     /// The last agreed state seen.
     agreed: SharedState,
     /// Failures this leader already acted on, by backend and agreed epoch: a commit can lag
@@ -44,7 +42,7 @@ impl Agreement {
             .watchdog
             .as_ref()
             .map_or(0, |w| w.peers.iter().filter(|p| !p.witness).count());
-        Agreement { wd, quorum: proxies / 2 + 1, reported: HashSet::new(), agreed: SharedState::default(), handled: HashSet::new() }
+        Agreement { wd, quorum: proxies / 2 + 1, agreed: SharedState::default(), handled: HashSet::new() }
     }
 }
 
@@ -139,17 +137,20 @@ impl Manager {
         if self.settled.get(&node).is_some_and(|&t| report.started < t) {
             return;
         }
-        let Some((me, agreed)) = self.agreement.as_ref().map(|a| (a.wd.id(), a.agreed.clone())) else { return };
+        // The replicated state itself says whether this peer's report is in: a proposal that
+        // failed (no leader yet, leader changing) is simply made again at the next check.
+        let Some((me, agreed)) = self.agreement.as_ref().map(|a| (a.wd.id(), a.wd.state().borrow().clone())) else { return };
         let mut next = self.snapshot();
         let name = next.nodes[node].name.clone();
         let agreed_down = agreed.down.contains(&name);
+        let my_report_in = agreed.reports.get(&name).is_some_and(|peers| peers.contains(&me));
         match report.result {
             Ok(o) => {
                 next.nodes[node].last_seen = Some(o);
                 if !agreed_down {
                     next.nodes[node].status = NodeStatus::Up(o.role);
                 }
-                if self.agreement.as_mut().is_some_and(|a| a.reported.remove(&node)) {
+                if my_report_in {
                     self.propose(Command::ClearFailure { node: name.clone(), peer: me });
                 }
                 let claims = o.role == Role::Primary && !agreed_down;
@@ -178,7 +179,7 @@ impl Manager {
                 if !agreed_down {
                     next.nodes[node].status = NodeStatus::Down { since: Instant::now(), reason };
                 }
-                if self.agreement.as_mut().is_some_and(|a| a.reported.insert(node)) {
+                if !my_report_in {
                     self.propose(Command::ReportFailure { node: name, peer: me });
                 }
             }
