@@ -113,6 +113,9 @@ pub async fn run(name: &str, command: &str, timeout: Duration) -> (HookOutcome, 
         }
     };
     let pid = child.id();
+    // Kills the whole group if this future is dropped before the command finished (shutdown,
+    // an aborted task): kill_on_drop alone would reach only the shell.
+    let guard = GroupKill(pid);
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let wait = async {
@@ -121,6 +124,7 @@ pub async fn run(name: &str, command: &str, timeout: Duration) -> (HookOutcome, 
     };
     let outcome = match tokio::time::timeout(timeout, wait).await {
         Ok((status, out, err)) => {
+            guard.disarm();
             log_output(name, &out, &err);
             match status {
                 Ok(s) if s.success() => HookOutcome::Success,
@@ -132,15 +136,8 @@ pub async fn run(name: &str, command: &str, timeout: Duration) -> (HookOutcome, 
                 Err(e) => HookOutcome::Failed(e.to_string()),
             }
         }
-        Err(_) => {
-            if let Some(pid) = pid {
-                // SAFETY: plain syscall on a process group we created; no memory involved.
-                unsafe {
-                    libc::killpg(pid as i32, libc::SIGKILL);
-                }
-            }
-            HookOutcome::TimedOut
-        }
+        // Dropping the guard kills the hook's process group.
+        Err(_) => HookOutcome::TimedOut,
     };
     let elapsed = started.elapsed();
     match &outcome {
@@ -148,6 +145,27 @@ pub async fn run(name: &str, command: &str, timeout: Duration) -> (HookOutcome, 
         other => tracing::error!(hook = name, ?elapsed, outcome = ?other, "hook did not succeed"),
     }
     (outcome, elapsed)
+}
+
+/// Kills a process group on drop unless disarmed.
+struct GroupKill(Option<u32>);
+
+impl GroupKill {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupKill {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
+            // SAFETY: plain kill(2); the group id is the child's pid because it was started
+            // with process_group(0).
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+    }
 }
 
 async fn read_all<R: tokio::io::AsyncRead + Unpin>(pipe: Option<R>) -> Vec<u8> {

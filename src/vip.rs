@@ -487,78 +487,10 @@ enum Input {
     Eof,
 }
 
-/// Runs a shell command with a time limit, in its own process group so the
-/// whole group (sh and what it started) can be killed on timeout. Output and
-/// status are logged. Returns whether it exited with status 0.
+/// Runs an if_up / if_down / arping command like a hook (`sh -c`, own process group killed
+/// on timeout or when dropped, output logged). Returns whether it exited with status 0.
 async fn run_shell(what: &str, command: &str, limit: Duration) -> bool {
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(command)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let started = std::time::Instant::now();
-    let child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            error!(what, command, error = %e, "cannot run command");
-            return false;
-        }
-    };
-    // Kills the process group if this future is dropped (timeout or the
-    // arping task being aborted) before the command finished.
-    let guard = GroupKill(child.id());
-    let result = tokio::time::timeout(limit, child.wait_with_output()).await;
-    match result {
-        Ok(Ok(out)) => {
-            guard.disarm();
-            let ms = started.elapsed().as_millis() as u64;
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            if out.status.success() {
-                info!(what, command, status = %out.status, ms, stdout = %stdout.trim(), stderr = %stderr.trim(), "command done");
-            } else {
-                warn!(what, command, status = %out.status, ms, stdout = %stdout.trim(), stderr = %stderr.trim(), "command failed");
-            }
-            out.status.success()
-        }
-        Ok(Err(e)) => {
-            error!(what, command, error = %e, "waiting for command failed");
-            false
-        }
-        Err(_) => {
-            error!(
-                what,
-                command,
-                ?limit,
-                "command timed out; killing its process group"
-            );
-            false
-        }
-    }
-}
-
-/// Kills a process group on drop unless disarmed.
-struct GroupKill(Option<u32>);
-
-impl GroupKill {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for GroupKill {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
-            // SAFETY: plain kill(2); the group id is the child's pid because
-            // it was started with process_group(0).
-            unsafe {
-                libc::kill(-pid, libc::SIGKILL);
-            }
-        }
-    }
+    crate::hooks::run(what, command, limit).await.0 == crate::hooks::HookOutcome::Success
 }
 
 /// What the guardian believes about the address.
