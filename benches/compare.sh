@@ -12,8 +12,12 @@
 #   OUT=/tmp/pglifeguard-bench       results go to $OUT/<timestamp>/; $OUT/latest points at the last run
 #   SHARED_BENCH=<repo>/../shared/bench
 #   BL=/tmp/bl                       where the shared scripts keep the cluster, PgBouncer and pgpool
-#   ROUNDS=1                         repeat the whole target sequence this many times (interleaved,
-#                                    so slow drift of a shared machine hits every target alike)
+#   ORDER=cell                       cell: start every target once, then run each cell on every
+#                                    target back to back (the target going first rotates each round);
+#                                    target: one target's whole matrix after the other, each target
+#                                    started before and stopped after its matrix
+#   ROUNDS=1                         samples per cell and target (cell order), or times the whole
+#                                    target sequence is repeated (target order)
 #   CLUSTER_DOWN=auto                stop the cluster at the end: auto = only if this script started it,
 #                                    1 = always, 0 = never
 #   PGLIFEGUARD_BIN=<repo>/target/release/pglifeguard   built with `cargo build --release` if missing
@@ -35,6 +39,7 @@ SHARED_BENCH=$(cd "$SHARED_BENCH" 2>/dev/null && pwd) || { echo "SHARED_BENCH di
 TARGETS=${TARGETS:-"direct pglifeguard pgbouncer pgpool"}
 OUT=${OUT:-/tmp/pglifeguard-bench}
 ROUNDS=${ROUNDS:-1}
+ORDER=${ORDER:-cell}
 CLUSTER_DOWN=${CLUSTER_DOWN:-auto}
 PGLIFEGUARD_BIN=${PGLIFEGUARD_BIN:-$REPO/target/release/pglifeguard}
 PGLIFEGUARD_PORT=${PGLIFEGUARD_PORT:-6433}
@@ -63,6 +68,7 @@ die() { say "ERROR: $*"; exit 2; }
 for s in cluster.sh bench.sh pgbouncer.sh pgpool.sh report.py; do
   [ -e "$SHARED_BENCH/$s" ] || die "$SHARED_BENCH/$s is missing (set SHARED_BENCH)"
 done
+case "$ORDER" in cell|target) ;; *) die "ORDER must be cell or target, not '$ORDER'" ;; esac
 for t in $TARGETS; do
   case "$t" in
     direct|pglifeguard) ;;
@@ -135,8 +141,12 @@ start_pglifeguard() {
     echo "  user: postgres"
     echo "  period: 2s"
   } > "$cfg"
-  # Own subshell + exec: $! is the proxy's own PID.
-  ( ulimit -n 65536 2>/dev/null || true; exec "$PGLIFEGUARD_BIN" run --config "$cfg" ) >>"$log" 2>&1 </dev/null &
+  # Own subshell + exec: $! is the proxy's own PID. setsid gives the proxy a session of its own,
+  # as a service manager would and as `pgbouncer -d` does for itself: with the kernel's
+  # autogroup scheduling (sched_autogroup_enabled=1), a proxy left in this script's session
+  # shares one CPU share with pgbench's threads and is preempted more often than a
+  # daemonized PgBouncer. setsid does not fork here (the subshell is no group leader).
+  ( ulimit -n 65536 2>/dev/null || true; exec setsid "$PGLIFEGUARD_BIN" run --config "$cfg" ) >>"$log" 2>&1 </dev/null &
   LG_PID=$!
   local deadline=$(( $(date +%s) + 30 ))
   until "$PGBIN/psql" -X -q -A -t -h 127.0.0.1 -p "$PGLIFEGUARD_PORT" -U postgres -d bench \
@@ -164,7 +174,7 @@ git -C "$REPO" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || git_rev="$git_
   echo "Run $(date '+%Y-%m-%d %H:%M:%S %Z') on $(hostname) ($(nproc) CPUs, load average at start: $(cut -d' ' -f1-3 /proc/loadavg))."
   echo "pglifeguard $git_rev; $("$PGBIN/postgres" --version); $( (pgbouncer --version 2>/dev/null || /usr/sbin/pgbouncer --version 2>/dev/null) | head -1); $( /usr/sbin/pgpool --version 2>&1 | head -1)."
   echo
-  echo "pgbench: workloads \`$WORKLOADS\`, protocols \`$PROTOCOLS\`, clients \`$CLIENTS\`, $DURATION s per cell, -j $JOBS, REPEAT=$REPEAT, ROUNDS=$ROUNDS; targets in order: $TARGETS."
+  echo "pgbench: workloads \`$WORKLOADS\`, protocols \`$PROTOCOLS\`, clients \`$CLIENTS\`, $DURATION s per cell, -j $JOBS, REPEAT=$REPEAT, ROUNDS=$ROUNDS, ORDER=$ORDER; targets: $TARGETS."
   echo
   echo "| target | setup |"
   echo "|---|---|"
@@ -207,46 +217,96 @@ check_cluster_after() { # $1 = target, $2 = bench.sh name, $3 = time the target 
 # ---- targets ----
 failed=0
 PGPOOL_LOG_LINES=0
-run_target() { # $1 = target
-  local t=$1 rc=0 t0 name
-  t0=$(date '+%Y-%m-%d %H:%M:%S')
+declare -A T_NAME T_PORT T_PID T_LABEL T_SINCE
+
+start_target() { # $1 = target word; records its table name, port, PID and label
+  local t=$1
+  T_SINCE[$t]=$(date '+%Y-%m-%d %H:%M:%S')
   case "$t" in
     direct)
-      name=direct
-      "$SHARED_BENCH/bench.sh" direct "$PRIMARY_PORT" - "no proxy" || rc=$? ;;
+      T_NAME[$t]=direct T_PORT[$t]=$PRIMARY_PORT T_PID[$t]=- T_LABEL[$t]="no proxy" ;;
     pglifeguard)
-      name=pglifeguard
       start_pglifeguard || { say "target pglifeguard failed to start"; return 1; }
-      "$SHARED_BENCH/bench.sh" pglifeguard "$PGLIFEGUARD_PORT" "$LG_PID" "session pool_size=$PGLIFEGUARD_POOL_SIZE $git_rev" || rc=$?
-      stop_pglifeguard ;;
+      T_NAME[$t]=pglifeguard T_PORT[$t]=$PGLIFEGUARD_PORT T_PID[$t]=$LG_PID
+      T_LABEL[$t]="session pool_size=$PGLIFEGUARD_POOL_SIZE $git_rev" ;;
     pgbouncer)
-      name=pgbouncer-session
       "$SHARED_BENCH/pgbouncer.sh" up session || { say "pgbouncer.sh up session failed"; return 1; }
-      local p; p=$(cat "$BL/pgbouncer/pgbouncer.pid")
-      "$SHARED_BENCH/bench.sh" pgbouncer-session "$PGBOUNCER_PORT" "$p" "session default_pool_size=${POOL_SIZE:-20}" || rc=$?
-      "$SHARED_BENCH/pgbouncer.sh" down ;;
+      T_NAME[$t]=pgbouncer-session T_PORT[$t]=$PGBOUNCER_PORT T_PID[$t]=$(cat "$BL/pgbouncer/pgbouncer.pid")
+      T_LABEL[$t]="session default_pool_size=${POOL_SIZE:-20}" ;;
     pgpool)
-      name=pgpool-lb_off
       PGPOOL_LOG_LINES=$(cat "$BL/pgpool/pgpool.log" 2>/dev/null | wc -l)
       "$SHARED_BENCH/pgpool.sh" up lb_off || { say "pgpool.sh up lb_off failed"; return 1; }
-      local p; p=$(tr -dc '0-9' < "$BL/pgpool/pgpool.pid")
-      "$SHARED_BENCH/bench.sh" pgpool-lb_off "$PGPOOL_PORT" "$p" "lb_off num_init_children=${NUM_INIT_CHILDREN:-64}" || rc=$?
-      "$SHARED_BENCH/pgpool.sh" down ;;
+      T_NAME[$t]=pgpool-lb_off T_PORT[$t]=$PGPOOL_PORT T_PID[$t]=$(tr -dc '0-9' < "$BL/pgpool/pgpool.pid")
+      T_LABEL[$t]="lb_off num_init_children=${NUM_INIT_CHILDREN:-64}" ;;
   esac
+}
+
+stop_target() { # $1 = target word
+  case "$1" in
+    pglifeguard) stop_pglifeguard ;;
+    pgbouncer) "$SHARED_BENCH/pgbouncer.sh" down ;;
+    pgpool) "$SHARED_BENCH/pgpool.sh" down ;;
+  esac
+}
+
+# Runs bench.sh against a started target for the cells in CLIENTS/PROTOCOLS/WORKLOADS, then
+# checks the cluster. Returns non-zero if a cell failed or the cluster changed under it.
+bench_target() { # $1 = target word
+  local t=$1 rc=0
+  "$SHARED_BENCH/bench.sh" "${T_NAME[$t]}" "${T_PORT[$t]}" "${T_PID[$t]}" "${T_LABEL[$t]}" || rc=$?
   [ "$rc" = 0 ] || say "target $t: bench.sh exit status $rc (see the status column)"
-  check_cluster_after "$t" "$name" "$t0" || rc=1
+  if ! check_cluster_after "$t" "${T_NAME[$t]}" "${T_SINCE[$t]}"; then
+    # The target may have acted on the failover (pgpool-II marks pg0 down): start it afresh
+    # against the repaired cluster.
+    stop_target "$t"; start_target "$t" || return 1
+    return 1
+  fi
   return "$rc"
 }
 
-for round in $(seq "$ROUNDS"); do
-  [ "$ROUNDS" = 1 ] || say "=== round $round of $ROUNDS ==="
-  for t in $TARGETS; do
-    say "=== target $t ==="
-    run_target "$t" || failed=1
-  done
-done
+case "$ORDER" in
+  target)
+    # Each target runs the whole matrix, started before and stopped after it.
+    for round in $(seq "$ROUNDS"); do
+      [ "$ROUNDS" = 1 ] || say "=== round $round of $ROUNDS ==="
+      for t in $TARGETS; do
+        say "=== target $t ==="
+        start_target "$t" || { failed=1; continue; }
+        bench_target "$t" || failed=1
+        stop_target "$t"
+      done
+    done ;;
+  cell)
+    # Every target stays up; each cell is run by every target in turn, back to back, and the
+    # target that goes first rotates from round to round. Drift of a shared machine then hits
+    # every target alike, and each pool is measured warm.
+    up=()
+    for t in $TARGETS; do
+      if start_target "$t"; then up+=("$t"); else failed=1; fi
+    done
+    n=${#up[@]}
+    for wl in $WORKLOADS; do
+      for proto in $PROTOCOLS; do
+        for c in $CLIENTS; do
+          for round in $(seq "$ROUNDS"); do
+            say "=== $wl $proto -c $c, round $round of $ROUNDS ==="
+            for i in $(seq 0 $((n - 1))); do
+              t=${up[$(( (i + round - 1) % n ))]}
+              CLIENTS=$c PROTOCOLS=$proto WORKLOADS=$wl bench_target "$t" || failed=1
+            done
+          done
+        done
+      done
+    done
+    for t in "${up[@]}"; do stop_target "$t"; done ;;
+esac
 
 python3 "$SHARED_BENCH/report.py" "$RESULTS" "$REPORT" || die "report.py failed"
+case " $TARGETS " in
+  *" pglifeguard "*" pgbouncer "*|*" pgbouncer "*" pglifeguard "*)
+    { echo; echo "### pglifeguard against PgBouncer, sample by sample"; echo
+      python3 "$REPO/benches/paired.py" "$RESULTS"; } >> "$REPORT" || say "paired.py failed" ;;
+esac
 say "report: $REPORT"
 cat "$REPORT"
 exit "$failed"
