@@ -13,7 +13,9 @@
 #   SHARED_BENCH=<repo>/../shared/bench
 #   BL=/tmp/bl                       where the shared scripts keep the cluster, PgBouncer and pgpool
 #   ORDER=cell                       cell: start every target once, then run each cell on every
-#                                    target back to back (the target going first rotates each round);
+#                                    target back to back, in a balanced order per round (a Williams
+#                                    design: use a multiple of the number of targets as ROUNDS, or of
+#                                    twice that number when it is odd);
 #                                    target: one target's whole matrix after the other, each target
 #                                    started before and stopped after its matrix
 #   ROUNDS=1                         samples per cell and target (cell order), or times the whole
@@ -277,21 +279,35 @@ case "$ORDER" in
       done
     done ;;
   cell)
-    # Every target stays up; each cell is run by every target in turn, back to back, and the
-    # target that goes first rotates from round to round. Drift of a shared machine then hits
-    # every target alike, and each pool is measured warm.
+    # Every target stays up; each cell is run by every target in turn, back to back, so drift
+    # of a shared machine hits every target alike and each pool is measured warm. The order
+    # of a round follows a Williams design: over n rounds (2n for an odd number of targets)
+    # every target runs in every position once and right after every other target once.
+    # Whatever a run leaves behind on the cluster (exiting backends, autovacuum) then delays
+    # no target more than another.
     up=()
     for t in $TARGETS; do
       if start_target "$t"; then up+=("$t"); else failed=1; fi
     done
     n=${#up[@]}
+    base=()   # 0, 1, n-1, 2, n-2, ...
+    for i in $(seq 0 $((n - 1))); do
+      if [ "$i" = 0 ]; then base+=(0); elif [ $((i % 2)) = 1 ]; then base+=($(( (i + 1) / 2 ))); else base+=($(( n - i / 2 ))); fi
+    done
+    order_of_round() { # $1 = round (1-based); prints the targets of that round in order
+      local r=$(( ($1 - 1) % (n % 2 == 0 ? n : 2 * n) )) k idx out=()
+      for k in $(seq 0 $((n - 1))); do
+        if [ "$r" -lt "$n" ]; then idx=$(( (base[k] + r) % n )); else idx=$(( (base[n - 1 - k] + r - n) % n )); fi
+        out+=("${up[$idx]}")
+      done
+      echo "${out[@]}"
+    }
     for wl in $WORKLOADS; do
       for proto in $PROTOCOLS; do
         for c in $CLIENTS; do
           for round in $(seq "$ROUNDS"); do
             say "=== $wl $proto -c $c, round $round of $ROUNDS ==="
-            for i in $(seq 0 $((n - 1))); do
-              t=${up[$(( (i + round - 1) % n ))]}
+            for t in $(order_of_round "$round"); do
               CLIENTS=$c PROTOCOLS=$proto WORKLOADS=$wl bench_target "$t" || failed=1
             done
           done
@@ -302,11 +318,10 @@ case "$ORDER" in
 esac
 
 python3 "$SHARED_BENCH/report.py" "$RESULTS" "$REPORT" || die "report.py failed"
-case " $TARGETS " in
-  *" pglifeguard "*" pgbouncer "*|*" pgbouncer "*" pglifeguard "*)
-    { echo; echo "### pglifeguard against PgBouncer, sample by sample"; echo
-      python3 "$REPO/benches/paired.py" "$RESULTS"; } >> "$REPORT" || say "paired.py failed" ;;
-esac
+if [[ " $TARGETS " == *" pglifeguard "* && " $TARGETS " == *" pgbouncer "* ]]; then
+  { echo; echo "### pglifeguard against PgBouncer, sample by sample"; echo
+    python3 "$REPO/benches/paired.py" "$RESULTS"; } >> "$REPORT" || say "paired.py failed"
+fi
 say "report: $REPORT"
 cat "$REPORT"
 exit "$failed"
