@@ -17,9 +17,9 @@ use crate::app::App;
 use crate::backend::{BackendConn, BackendError, ConnectSpec};
 use crate::startup::parse_options;
 
-
 /// ParameterStatus name/value pairs a client is welcomed with, shared by a pool's clients.
-type Welcome = Arc<Vec<(String, String)>>;
+pub type Welcome = Arc<Vec<(String, String)>>;
+
 /// Identifies a pool.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -103,7 +103,7 @@ impl Pool {
     }
 
     /// The welcome parameters recorded for clients with these startup parameters.
-    pub fn welcome(&self, params: &Params) -> Option<Arc<Vec<(String, String)>>> {
+    pub fn welcome(&self, params: &Params) -> Option<Welcome> {
         self.welcomes.lock().unwrap_or_else(|p| p.into_inner()).get(params).cloned()
     }
 

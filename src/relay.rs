@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::app::App;
-use crate::pool::Leftover;
+use crate::pool::{Leftover, Welcome};
 use crate::protocol::{backend_tag, error_field, frontend_tag, parse_error_fields, parse_parameter_status, FrameError, Framer, Step};
 
 /// Whether an ErrorResponse/NoticeResponse body says the server is ending the connection.
@@ -65,14 +65,14 @@ pub struct SessionState {
     /// Parse messages of named statements, by statement name.
     pub prepared: std::collections::HashMap<Vec<u8>, bytes::Bytes>,
     /// ParameterStatus values of the welcome, shared by every client of the pool.
-    welcome: std::sync::Arc<Vec<(String, String)>>,
+    welcome: Welcome,
     /// Values reported since the welcome; kept apart so an idle client costs no copy.
     changed: std::collections::BTreeMap<String, String>,
 }
 
 impl SessionState {
     /// State of a client welcomed with these ParameterStatus values.
-    pub fn new(welcome: std::sync::Arc<Vec<(String, String)>>) -> SessionState {
+    pub fn new(welcome: Welcome) -> SessionState {
         SessionState { welcome, ..SessionState::default() }
     }
 

@@ -30,7 +30,6 @@ pub struct Setup {
     pub failover: String,
 }
 
-
 impl Env {
     /// Starts a second proxy with the same config file (as after a restart of the first).
     pub async fn restart_proxy(&mut self) {

@@ -25,7 +25,6 @@ enum Fault {
 }
 
 struct Peer {
-    id: u64,
     host: Host,
     config: std::path::PathBuf,
     log: std::path::PathBuf,
@@ -151,7 +150,7 @@ async fn vip_moves_on_kill_freeze_and_partition_and_never_has_two_holders() {
         );
         let path = dir.path().join(format!("peer{id}.yaml"));
         std::fs::write(&path, config).expect("config");
-        let mut peer = Peer { id, host: host.clone(), config: path, log: dir.path().join(format!("peer{id}.log")), child: None };
+        let mut peer = Peer { host: host.clone(), config: path, log: dir.path().join(format!("peer{id}.log")), child: None };
         peer.start();
         peers.push(peer);
     }
@@ -210,7 +209,6 @@ async fn vip_moves_on_kill_freeze_and_partition_and_never_has_two_holders() {
                 peers[victim].host.heal().expect("heal");
             }
         }
-        let _ = peers[victim].id;
     }
     // A thawed or healed peer must not take the VIP back while another holds it: give them
     // time, then look at the whole run.
