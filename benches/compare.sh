@@ -126,46 +126,6 @@ fi
 "$SHARED_BENCH/cluster.sh" up || die "cluster.sh up failed"
 
 # ---- pglifeguard ----
-start_pglifeguard() {
-  local cfg=$RUN_DIR/pglifeguard.yaml log=$RUN_DIR/pglifeguard.log b
-  {
-    echo "listen: 127.0.0.1:$PGLIFEGUARD_PORT"
-    echo "metrics_listen: 127.0.0.1:$PGLIFEGUARD_METRICS_PORT"
-    echo "backends:"
-    echo "  - {name: pg0, host: 127.0.0.1, port: $PRIMARY_PORT}"
-    local i=1; for b in $STANDBY_PORTS; do echo "  - {name: pg$i, host: 127.0.0.1, port: $b}"; i=$((i + 1)); done
-    echo "pool:"
-    echo "  pool_size: $PGLIFEGUARD_POOL_SIZE"
-    echo "auth:"
-    echo "  method: trust"
-    echo "worker_threads: $PGLIFEGUARD_WORKERS"
-    echo "health_check:"
-    echo "  user: postgres"
-    echo "  period: 2s"
-  } > "$cfg"
-  # Own subshell + exec: $! is the proxy's own PID. setsid gives the proxy a session of its own,
-  # as a service manager would and as `pgbouncer -d` does for itself: with the kernel's
-  # autogroup scheduling (sched_autogroup_enabled=1), a proxy left in this script's session
-  # shares one CPU share with pgbench's threads and is preempted more often than a
-  # daemonized PgBouncer. setsid does not fork here (the subshell is no group leader).
-  ( ulimit -n 65536 2>/dev/null || true; exec setsid "$PGLIFEGUARD_BIN" run --config "$cfg" ) >>"$log" 2>&1 </dev/null &
-  LG_PID=$!
-  local deadline=$(( $(date +%s) + 30 ))
-  until "$PGBIN/psql" -X -q -A -t -h 127.0.0.1 -p "$PGLIFEGUARD_PORT" -U postgres -d bench \
-          -c 'select count(*) from pgbench_branches' >/dev/null 2>&1; do
-    if ! kill -0 "$LG_PID" 2>/dev/null; then
-      local rc=0; wait "$LG_PID" 2>/dev/null || rc=$?; LG_PID=""
-      say "pglifeguard exited (status $rc) during startup; last log lines:"; tail -n 20 "$log" >&2; return 1
-    fi
-    if [ "$(date +%s)" -ge "$deadline" ]; then
-      say "pglifeguard (pid $LG_PID) not serving queries after 30 s; last log lines:"; tail -n 20 "$log" >&2
-      stop_pglifeguard; return 1
-    fi
-    sleep 0.2
-  done
-  say "pglifeguard up on $PGLIFEGUARD_PORT, pid $LG_PID"
-}
-
 
 # ---- run header (report.py prepends baseline-head.md from the report's directory) ----
 git_rev=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -228,7 +188,7 @@ start_target() { # $1 = target word; records its table name, port, PID and label
     direct)
       T_NAME[$t]=direct T_PORT[$t]=$PRIMARY_PORT T_PID[$t]=- T_LABEL[$t]="no proxy" ;;
     pglifeguard)
-      start_pglifeguard || { say "target pglifeguard failed to start"; return 1; }
+      start_pglifeguard "$RUN_DIR" || { say "target pglifeguard failed to start"; return 1; }
       T_NAME[$t]=pglifeguard T_PORT[$t]=$PGLIFEGUARD_PORT T_PID[$t]=$LG_PID
       T_LABEL[$t]="session pool_size=$PGLIFEGUARD_POOL_SIZE $git_rev" ;;
     pgbouncer)

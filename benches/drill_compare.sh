@@ -119,7 +119,7 @@ else
   LG_PRIMARY_CMD="$LG_BIN ctl --admin $PGLIFEGUARD_ADMIN status | awk '\$4==\"primary\"{print \$2}'"
 fi
 
-start_pglifeguard() { # $1 = drill dir (config, status file and log go there)
+start_drill_pglifeguard() { # $1 = drill dir (config, status file and log go there)
   local d=$1 cfg=$1/pglifeguard.yaml log=$1/pglifeguard.log
   cat > "$cfg" <<EOF
 listen: 127.0.0.1:$PGLIFEGUARD_PORT
@@ -169,7 +169,7 @@ run_drill() { # $1 = drill number, $2 = target; writes $RUN_DIR/<n>-<target>/
   cluster_intact || repair_cluster "$d/cluster-before.log" || return 1
   case "$t" in
     pglifeguard)
-      start_pglifeguard "$d" || return 1
+      start_drill_pglifeguard "$d" || return 1
       OUT=$d "$SHARED_BENCH/drill.sh" "$PGLIFEGUARD_PORT" "$LG_PRIMARY_CMD" >"$d/console.log" 2>&1 || rc=$?
       curl -s "http://$PGLIFEGUARD_ADMIN/status" > "$d/pglifeguard-status-after.txt" 2>&1 || true
       stop_pglifeguard

@@ -16,3 +16,49 @@ stop_pglifeguard() {
   wait "$p" 2>/dev/null || true
   say "pglifeguard stopped (pid $p)"
 }
+
+# Starts pglifeguard in front of the shared bench cluster with trust auth and waits until it
+# serves the bench database; sets LG_PID. Writes pglifeguard.yaml and appends to
+# pglifeguard.log in directory $1. Reads PGLIFEGUARD_BIN, PGLIFEGUARD_PORT,
+# PGLIFEGUARD_METRICS_PORT, PGLIFEGUARD_POOL_SIZE, PGLIFEGUARD_WORKERS, PRIMARY_PORT,
+# STANDBY_PORTS and PGBIN from the caller. Returns 1 (with the log's tail) if it exits or
+# does not serve within 30 s.
+start_pglifeguard() { # $1 = directory for its config and log
+  local cfg=$1/pglifeguard.yaml log=$1/pglifeguard.log b
+  {
+    echo "listen: 127.0.0.1:$PGLIFEGUARD_PORT"
+    echo "metrics_listen: 127.0.0.1:$PGLIFEGUARD_METRICS_PORT"
+    echo "backends:"
+    echo "  - {name: pg0, host: 127.0.0.1, port: $PRIMARY_PORT}"
+    local i=1; for b in $STANDBY_PORTS; do echo "  - {name: pg$i, host: 127.0.0.1, port: $b}"; i=$((i + 1)); done
+    echo "pool:"
+    echo "  pool_size: $PGLIFEGUARD_POOL_SIZE"
+    echo "auth:"
+    echo "  method: trust"
+    echo "worker_threads: $PGLIFEGUARD_WORKERS"
+    echo "health_check:"
+    echo "  user: postgres"
+    echo "  period: 2s"
+  } > "$cfg"
+  # Own subshell + exec: $! is the proxy's own PID. setsid gives the proxy a session of its own,
+  # as a service manager would and as `pgbouncer -d` does for itself: with the kernel's
+  # autogroup scheduling (sched_autogroup_enabled=1), a proxy left in this script's session
+  # shares one CPU share with pgbench's threads and is preempted more often than a
+  # daemonized PgBouncer. setsid does not fork here (the subshell is no group leader).
+  ( ulimit -n 65536 2>/dev/null || true; exec setsid "$PGLIFEGUARD_BIN" run --config "$cfg" ) >>"$log" 2>&1 </dev/null &
+  LG_PID=$!
+  local deadline=$(( $(date +%s) + 30 ))
+  until "$PGBIN/psql" -X -q -A -t -h 127.0.0.1 -p "$PGLIFEGUARD_PORT" -U postgres -d bench \
+          -c 'select count(*) from pgbench_branches' >/dev/null 2>&1; do
+    if ! kill -0 "$LG_PID" 2>/dev/null; then
+      local rc=0; wait "$LG_PID" 2>/dev/null || rc=$?; LG_PID=""
+      say "pglifeguard exited (status $rc) during startup; last log lines:"; tail -n 20 "$log" >&2; return 1
+    fi
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      say "pglifeguard (pid $LG_PID) not serving queries after 30 s; last log lines:"; tail -n 20 "$log" >&2
+      stop_pglifeguard; return 1
+    fi
+    sleep 0.2
+  done
+  say "pglifeguard up on $PGLIFEGUARD_PORT, pid $LG_PID"
+}

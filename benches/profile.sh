@@ -24,13 +24,16 @@ PGLIFEGUARD_BIN=${PGLIFEGUARD_BIN:-$REPO/target/release/pglifeguard}
 OUT=${OUT:-/tmp/pglifeguard-profile}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 export BL=${BL:-/tmp/bl}
-LG_PORT=6433 PB_PORT=6432
+# What start_pglifeguard (lib.sh) reads: the same setup as compare.sh's pglifeguard target.
+PGLIFEGUARD_PORT=6433 PGLIFEGUARD_METRICS_PORT=9187 PGLIFEGUARD_POOL_SIZE=40 PGLIFEGUARD_WORKERS=1
+PRIMARY_PORT=55432 STANDBY_PORTS="55433 55434"
+LG_PORT=$PGLIFEGUARD_PORT PB_PORT=6432
 source "$REPO/benches/lib.sh"
 
 [ "$(id -u)" = 0 ] || { say "run as root"; exit 2; }
 command -v perf >/dev/null || { say "perf not installed"; exit 2; }
 [ -x "$PGLIFEGUARD_BIN" ] || { say "$PGLIFEGUARD_BIN not found (cargo build --release)"; exit 2; }
-[ "$("$PGBIN/psql" -X -A -t -h 127.0.0.1 -p 55432 -U postgres -d bench -c 'select 1' 2>/dev/null)" = 1 ] ||
+[ "$("$PGBIN/psql" -X -A -t -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres -d bench -c 'select 1' 2>/dev/null)" = 1 ] ||
   { say "the shared cluster is not up ($SHARED_BENCH/cluster.sh up)"; exit 2; }
 case "$WORKLOAD" in select) wflag=-S ;; tpcb) wflag= ;; *) say "WORKLOAD must be select or tpcb"; exit 2 ;; esac
 
@@ -39,31 +42,9 @@ LG_PID=""
 cleanup() { stop_pglifeguard; "$SHARED_BENCH/pgbouncer.sh" down >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
-cat > "$OUT/pglifeguard.yaml" <<YAML
-listen: 127.0.0.1:$LG_PORT
-metrics_listen: 127.0.0.1:9187
-backends:
-  - {name: pg0, host: 127.0.0.1, port: 55432}
-  - {name: pg1, host: 127.0.0.1, port: 55433}
-  - {name: pg2, host: 127.0.0.1, port: 55434}
-pool:
-  pool_size: 40
-auth:
-  method: trust
-worker_threads: 1
-health_check:
-  user: postgres
-  period: 2s
-YAML
-# setsid: its own session, like the daemonized PgBouncer (see compare.sh).
-( exec setsid "$PGLIFEGUARD_BIN" run --config "$OUT/pglifeguard.yaml" ) >"$OUT/pglifeguard.log" 2>&1 </dev/null &
-LG_PID=$!
+start_pglifeguard "$OUT" || exit 1
 POOL_SIZE=40 "$SHARED_BENCH/pgbouncer.sh" up session >/dev/null
 PB_PID=$(cat "$BL/pgbouncer/pgbouncer.pid")
-for i in $(seq 50); do
-  "$PGBIN/psql" -X -q -h 127.0.0.1 -p $LG_PORT -U postgres -d bench -c 'select 1' >/dev/null 2>&1 && break
-  sleep 0.2
-done
 
 per_client=$(( TXNS / CLIENTS ))
 total=$(( per_client * CLIENTS ))
