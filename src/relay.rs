@@ -224,6 +224,29 @@ impl Drop for LocalStats<'_> {
     }
 }
 
+/// Writes what the socket takes right now, without waiting: 0 if it takes nothing.
+/// The common case of a relay write is a small message into an empty socket buffer, which
+/// this finishes in one system call without building a write future or spending the task's
+/// cooperative-scheduling budget (the read that woke the task already did).
+#[inline]
+fn try_write_now(sock: &TcpStream, data: &[u8]) -> std::io::Result<usize> {
+    match sock.try_write(data) {
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes all of `data`: at once if the socket takes it, else waiting for room.
+#[inline]
+async fn write_fully(sock: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
+    let n = try_write_now(sock, data)?;
+    if n < data.len() {
+        sock.write_all(&data[n..]).await?;
+    }
+    Ok(())
+}
+
 /// Scans backend bytes in `bbuf` and forwards the complete part to the client. Returns true
 /// if the backend announced it is terminating while the session was idle (that message is
 /// kept back).
@@ -274,7 +297,7 @@ async fn forward_backend(
         })
         .map_err(RelayError::BackendFrame)?;
     if scan.forward > 0 {
-        client.write_all(&bbuf[..scan.forward]).await.map_err(RelayError::Client)?;
+        write_fully(client, &bbuf[..scan.forward]).await.map_err(RelayError::Client)?;
         bbuf.advance(scan.forward);
         rewind_if_empty(bbuf);
         stats.to_client += scan.forward as u64;
@@ -307,7 +330,7 @@ async fn forward_client(
     });
     tracker.client = framer;
     let scan = result.map_err(RelayError::ClientFrame)?;
-    let mut written = 0;
+    let mut written = try_write_now(backend, &cbuf[..scan.forward]).map_err(RelayError::Backend)?;
     while written < scan.forward {
         // Keep relaying the server's replies while its input is full: a client that pipelines
         // megabytes and reads results at the same time would otherwise deadlock with the
