@@ -4,10 +4,15 @@
 With ORDER=cell, compare.sh runs every cell on each target back to back, so the i-th sample
 of A and the i-th sample of B of a cell were taken under the same machine conditions. This
 prints, per cell, both medians and the median of the paired ratios A/B for TPS and for proxy
-CPU per 1000 transactions, and in how many rounds A had at least B's TPS.
+CPU per 1000 transactions, and in how many rounds A had at least B's TPS. Below the table,
+the geometric mean of every paired ratio of all cells together, with a 95 % bootstrap
+interval (resampling rounds within each cell): whether one target is ahead overall, or the
+two differ by less than the machine's noise.
 Defaults: A = pglifeguard, B = pgbouncer-session. Rows whose status is not ok are skipped.
 """
 import csv
+import math
+import random
 import statistics
 import sys
 from collections import defaultdict
@@ -35,17 +40,41 @@ def main() -> int:
     print(f"| workload | protocol | clients | rounds | {a} TPS | {b} TPS | TPS ratio | rounds {a} ≥ {b} "
           f"| {a} CPU s/1k | {b} CPU s/1k | CPU ratio |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    all_tps, all_cpu = [], []
     for wl, proto, clients in cells:
         xs, ys = samples[(a, wl, proto, clients)], samples[(b, wl, proto, clients)]
         n = min(len(xs), len(ys))
         tps_ratios = [xs[i][0] / ys[i][0] for i in range(n)]
         cpu_ratios = [xs[i][1] / ys[i][1] for i in range(n) if ys[i][1] > 0]
+        all_tps.append(tps_ratios)
+        all_cpu.append(cpu_ratios)
         wins = sum(r >= 1.0 for r in tps_ratios)
         med = statistics.median
         print(f"| {wl} | {proto} | {clients} | {n} | {med(x[0] for x in xs):.0f} | {med(y[0] for y in ys):.0f} "
               f"| {med(tps_ratios):.3f} | {wins}/{n} | {med(x[1] for x in xs):.4f} | {med(y[1] for y in ys):.4f} "
               f"| {med(cpu_ratios) if cpu_ratios else float('nan'):.3f} |")
+    print()
+    for name, per_cell in (("TPS", all_tps), ("CPU per transaction", all_cpu)):
+        mean, low, high = pooled(per_cell)
+        print(f"All cells, {name} {a}/{b}: geometric mean {mean:.3f} (95 % interval {low:.3f}-{high:.3f})")
     return 0
+
+
+def geomean(ratios):
+    return math.exp(statistics.fmean(math.log(r) for r in ratios))
+
+
+def pooled(per_cell, draws=2000):
+    """Geometric mean of all ratios, and a bootstrap interval that resamples each cell's
+    rounds (so every cell keeps its weight). Seeded: the same results give the same interval."""
+    cells = [c for c in per_cell if c]
+    if not cells:
+        return float("nan"), float("nan"), float("nan")
+    rng = random.Random(1)
+    means = sorted(
+        geomean([r for c in cells for r in rng.choices(c, k=len(c))]) for _ in range(draws)
+    )
+    return geomean([r for c in cells for r in c]), means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
 
 
 if __name__ == "__main__":

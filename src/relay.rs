@@ -24,16 +24,28 @@ fn is_termination(body: &[u8]) -> bool {
 /// Free space kept in a buffer before each read.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// Moves the write position of a fully forwarded buffer back to the start of its allocation.
-/// Without this every read lands after the previous one, and a session walks through its
-/// whole 16 KiB buffer before `reserve` wraps it around: with dozens of sessions that is a
-/// working set of megabytes, each read writing into cache lines long evicted. Rewound, the
-/// reads of a request/response session keep hitting the same few hot lines.
+/// Drops the first `n` bytes of `buf`, which have been forwarded.
+///
+/// A fully forwarded buffer keeps (or gets back) its read position at the start of its
+/// allocation. Advancing instead would make every read land after the previous one, and a
+/// session would walk through its whole 16 KiB buffer before `reserve` wrapped it around:
+/// with dozens of sessions that is a working set of megabytes, each read writing into cache
+/// lines long evicted. Kept at the start, the reads of a request/response session hit the
+/// same few hot lines. The common case (everything forwarded, nothing advanced before) costs
+/// a truncation and a comparison.
 #[inline]
-fn rewind_if_empty(buf: &mut BytesMut) {
-    if buf.is_empty() {
-        // Asking for one byte more than the free space makes `try_reclaim` move the (empty)
-        // contents to the front when there is room before them; it never allocates.
+fn consume(buf: &mut BytesMut, n: usize) {
+    if n < buf.len() {
+        buf.advance(n);
+        return;
+    }
+    // Truncating leaves the read position where it is. A capacity below READ_CHUNK means an
+    // earlier partial forward advanced it (buffers are reserved READ_CHUNK at a time); then
+    // asking for one byte more than the free space makes `try_reclaim` move the (empty)
+    // contents back to the front. It never allocates. A grown buffer advanced by a partial
+    // forward is left to `reserve`, which reclaims the space when it runs low.
+    buf.clear();
+    if buf.capacity() < READ_CHUNK {
         let _ = buf.try_reclaim(buf.capacity() + 1);
     }
 }
@@ -230,6 +242,9 @@ impl Drop for LocalStats<'_> {
 /// cooperative-scheduling budget (the read that woke the task already did).
 #[inline]
 fn try_write_now(sock: &TcpStream, data: &[u8]) -> std::io::Result<usize> {
+    if data.is_empty() {
+        return Ok(0);
+    }
     match sock.try_write(data) {
         Ok(n) => Ok(n),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
@@ -298,8 +313,7 @@ async fn forward_backend(
         .map_err(RelayError::BackendFrame)?;
     if scan.forward > 0 {
         write_fully(client, &bbuf[..scan.forward]).await.map_err(RelayError::Client)?;
-        bbuf.advance(scan.forward);
-        rewind_if_empty(bbuf);
+        consume(bbuf, scan.forward);
         stats.to_client += scan.forward as u64;
     }
     stats.transactions += transactions;
@@ -358,8 +372,7 @@ async fn forward_client(
             }
         }
     }
-    cbuf.advance(scan.forward);
-    rewind_if_empty(cbuf);
+    consume(cbuf, scan.forward);
     stats.to_backend += scan.forward as u64;
     Ok(scan.stopped)
 }
@@ -523,23 +536,27 @@ mod tests {
     }
 
     #[test]
-    fn emptied_buffer_rewinds_to_its_start() {
+    fn consumed_buffer_reads_from_its_start_again() {
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let start = buf.as_ptr();
+
+        // Everything forwarded at once: the next read lands at the start.
         buf.extend_from_slice(&[7u8; 100]);
-        buf.advance(100);
-        assert_ne!(buf.as_ptr(), start);
-        rewind_if_empty(&mut buf);
+        consume(&mut buf, 100);
+        assert!(buf.is_empty());
+        assert_eq!(buf.as_ptr(), start, "the next read lands at the start");
+
+        // Part forwarded: the waiting bytes stay where they are, untouched.
+        buf.extend_from_slice(&[7u8; 100]);
+        consume(&mut buf, 60);
+        assert_eq!(buf.as_ptr(), start.wrapping_add(60));
+        assert_eq!(&buf[..], &[7u8; 40][..]);
+
+        // The rest forwarded later: back to the start, with the full capacity.
+        consume(&mut buf, 40);
+        assert!(buf.is_empty());
         assert_eq!(buf.as_ptr(), start, "the next read lands at the start again");
         assert!(buf.capacity() >= READ_CHUNK);
-
-        // Bytes still waiting to be forwarded stay where they are.
-        buf.extend_from_slice(&[7u8; 100]);
-        buf.advance(60);
-        let waiting = buf.as_ptr();
-        rewind_if_empty(&mut buf);
-        assert_eq!(buf.as_ptr(), waiting);
-        assert_eq!(&buf[..], &[7u8; 40][..]);
     }
 
     #[test]
