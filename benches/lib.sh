@@ -21,8 +21,10 @@ stop_pglifeguard() {
 # serves the bench database; sets LG_PID. Writes pglifeguard.yaml and appends to
 # pglifeguard.log in directory $1. Reads PGLIFEGUARD_BIN, PGLIFEGUARD_PORT,
 # PGLIFEGUARD_METRICS_PORT, PGLIFEGUARD_POOL_SIZE, PGLIFEGUARD_WORKERS, PRIMARY_PORT,
-# STANDBY_PORTS and PGBIN from the caller. Returns 1 (with the log's tail) if it exits or
-# does not serve within 30 s.
+# STANDBY_PORTS and PGBIN from the caller, and optionally PGLIFEGUARD_WRAPPER (a command the
+# proxy runs under, e.g. valgrind; it must exec the proxy in its own process) and
+# PGLIFEGUARD_START_TIMEOUT (seconds, default 30). Returns 1 (with the log's tail) if it exits
+# or does not serve in time.
 start_pglifeguard() { # $1 = directory for its config and log
   local cfg=$1/pglifeguard.yaml log=$1/pglifeguard.log b
   {
@@ -45,9 +47,11 @@ start_pglifeguard() { # $1 = directory for its config and log
   # autogroup scheduling (sched_autogroup_enabled=1), a proxy left in this script's session
   # shares one CPU share with pgbench's threads and is preempted more often than a
   # daemonized PgBouncer. setsid does not fork here (the subshell is no group leader).
-  ( ulimit -n 65536 2>/dev/null || true; exec setsid "$PGLIFEGUARD_BIN" run --config "$cfg" ) >>"$log" 2>&1 </dev/null &
+  # shellcheck disable=SC2086 # the wrapper is a command line, split into words on purpose
+  ( ulimit -n 65536 2>/dev/null || true; exec setsid ${PGLIFEGUARD_WRAPPER:-} "$PGLIFEGUARD_BIN" run --config "$cfg" ) >>"$log" 2>&1 </dev/null &
   LG_PID=$!
-  local deadline=$(( $(date +%s) + 30 ))
+  local timeout=${PGLIFEGUARD_START_TIMEOUT:-30}
+  local deadline=$(( $(date +%s) + timeout ))
   until "$PGBIN/psql" -X -q -A -t -h 127.0.0.1 -p "$PGLIFEGUARD_PORT" -U postgres -d bench \
           -c 'select count(*) from pgbench_branches' >/dev/null 2>&1; do
     if ! kill -0 "$LG_PID" 2>/dev/null; then
@@ -55,7 +59,7 @@ start_pglifeguard() { # $1 = directory for its config and log
       say "pglifeguard exited (status $rc) during startup; last log lines:"; tail -n 20 "$log" >&2; return 1
     fi
     if [ "$(date +%s)" -ge "$deadline" ]; then
-      say "pglifeguard (pid $LG_PID) not serving queries after 30 s; last log lines:"; tail -n 20 "$log" >&2
+      say "pglifeguard (pid $LG_PID) not serving queries after $timeout s; last log lines:"; tail -n 20 "$log" >&2
       stop_pglifeguard; return 1
     fi
     sleep 0.2
