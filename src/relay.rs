@@ -31,8 +31,11 @@ const READ_CHUNK: usize = 16 * 1024;
 /// session would walk through its whole 16 KiB buffer before `reserve` wrapped it around:
 /// with dozens of sessions that is a working set of megabytes, each read writing into cache
 /// lines long evicted. Kept at the start, the reads of a request/response session hit the
-/// same few hot lines. The common case (everything forwarded, nothing advanced before) costs
-/// a truncation and a comparison.
+/// same few hot lines. For a buffer of READ_CHUNK or more, the common case (everything
+/// forwarded, nothing advanced before) costs a truncation and a comparison. A smaller buffer
+/// (the client's starts at the 4 KiB its first request was read into, and the relay only
+/// grows it when less than READ_CHUNK / 4 is free) takes the `try_reclaim` path every time:
+/// still correct, just not the cheap path.
 #[inline]
 fn consume(buf: &mut BytesMut, n: usize) {
     if n < buf.len() {
@@ -40,10 +43,11 @@ fn consume(buf: &mut BytesMut, n: usize) {
         return;
     }
     // Truncating leaves the read position where it is. A capacity below READ_CHUNK means an
-    // earlier partial forward advanced it (buffers are reserved READ_CHUNK at a time); then
+    // earlier partial forward may have advanced it (or the buffer is a small one); then
     // asking for one byte more than the free space makes `try_reclaim` move the (empty)
-    // contents back to the front. It never allocates. A grown buffer advanced by a partial
-    // forward is left to `reserve`, which reclaims the space when it runs low.
+    // contents back to the front if there is room before them. It never allocates. A grown
+    // buffer advanced by a partial forward is left to `reserve`, which reclaims the space
+    // when it runs low.
     buf.clear();
     if buf.capacity() < READ_CHUNK {
         let _ = buf.try_reclaim(buf.capacity() + 1);
