@@ -508,29 +508,19 @@ impl Sampler {
             .unwrap_or(0)
     }
 
-    /// The first sample started at or after `after` in which a host other
-    /// than `host` holds the VIP: its end time and that host's name.
-    pub fn first_holder_other_than(&self, host: &str, after: Instant) -> Option<(Instant, String)> {
-        self.samples()
-            .into_iter()
-            .filter(|s| s.start >= after)
-            .find_map(|s| {
-                s.holders
-                    .iter()
-                    .find(|h| h.as_str() != host)
-                    .map(|h| (s.end, h.clone()))
-            })
-    }
-
-    /// The first sample started at or after `after` whose holders satisfy
-    /// `pred`.
-    pub fn first_where<F>(&self, after: Instant, pred: F) -> Option<Sample>
-    where
-        F: Fn(&[String]) -> bool,
-    {
-        self.samples()
-            .into_iter()
-            .find(|s| s.start >= after && pred(&s.holders))
+    /// Waits up to `timeout` for the first sample started at or after
+    /// `after` in which a host other than `host` holds the VIP: its end time
+    /// and that host's name. Waiting matters: a client may reach the VIP's
+    /// new holder before the sampling round that sees it has finished.
+    pub fn wait_for_holder_other_than(
+        &self,
+        host: &str,
+        after: Instant,
+        timeout: Duration,
+    ) -> Option<(Instant, String)> {
+        let sample = self.wait_for_since(after, timeout, |holders| holders.iter().any(|h| h != host))?;
+        let other = sample.holders.iter().find(|h| h.as_str() != host)?.clone();
+        Some((sample.end, other))
     }
 
     /// Waits up to `timeout` for a sample, started after this call, whose
@@ -539,11 +529,20 @@ impl Sampler {
     where
         F: Fn(&[String]) -> bool,
     {
-        let since = Instant::now();
-        let limit = since + timeout;
+        self.wait_for_since(Instant::now(), timeout, pred)
+    }
+
+    /// Waits up to `timeout` (counted from this call) for the first sample
+    /// started at or after `after` whose holders satisfy `pred`; returns it,
+    /// or None on timeout.
+    pub fn wait_for_since<F>(&self, after: Instant, timeout: Duration, pred: F) -> Option<Sample>
+    where
+        F: Fn(&[String]) -> bool,
+    {
+        let limit = Instant::now() + timeout;
         let mut guard = self.shared.samples.lock().ok()?;
         loop {
-            if let Some(s) = guard.iter().find(|s| s.start >= since && pred(&s.holders)) {
+            if let Some(s) = guard.iter().find(|s| s.start >= after && pred(&s.holders)) {
                 return Some(s.clone());
             }
             let now = Instant::now();

@@ -187,7 +187,9 @@ async fn vip_moves_on_kill_freeze_and_partition_and_never_has_two_holders() {
             Fault::Partition => peers[victim].host.partition().expect("partition"),
         }
         let answered = first_answer(&client, &vip_addr, started, Duration::from_secs(15)).await;
-        let moved = sampler.first_holder_other_than(&old, started).map(|(at, _)| at.duration_since(started));
+        let moved = sampler
+            .wait_for_holder_other_than(&old, started, Duration::from_secs(5))
+            .map(|(at, _)| at.duration_since(started));
         let (Some(answered), Some(moved)) = (answered, moved) else {
             panic!("{fault:?} of {old}: VIP moved {moved:?}, answered {answered:?}:\n{}", logs());
         };
