@@ -193,6 +193,13 @@ fn run(path: PathBuf) -> ExitCode {
         }
     };
     rt.block_on(async {
+        let signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let proxy = match Proxy::start(config, Some(path)).await {
             Ok(p) => p,
             Err(e) => {
@@ -200,33 +207,58 @@ fn run(path: PathBuf) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        serve_until_signal(proxy).await;
+        serve_until_signal(proxy, signals).await;
         ExitCode::SUCCESS
     })
 }
 
-/// Serves until SIGINT/SIGTERM, reloading the config on SIGHUP.
-pub async fn serve_until_signal(proxy: Proxy) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut hup, mut term, mut int) = match (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(h), Ok(t), Ok(i)) => (h, t, i),
-        _ => {
-            tracing::error!("cannot install signal handlers");
-            return;
+/// SIGHUP, SIGTERM and SIGINT, registered before a command starts anything. From registration
+/// on, these signals are recorded instead of ending the process, so one that arrives while the
+/// proxy (or the demo's cluster) is still starting is acted on once startup is done, and every
+/// cleanup runs; registering only once serving would let an early Ctrl-C kill the process and
+/// leave what it started behind.
+pub struct Signals {
+    hangup: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers. Must be called inside a Tokio runtime.
+    pub fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            hangup: signal(SignalKind::hangup())?,
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves at SIGINT or SIGTERM, at once for one received since [`Signals::install`].
+    pub async fn stop(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
         }
-    };
+    }
+
+    /// Whether SIGINT or SIGTERM has arrived, giving the runtime `grace` to deliver one that is
+    /// already pending (a current-thread runtime only handles signals while it is driven).
+    pub async fn stop_received(&mut self, grace: Duration) -> bool {
+        tokio::time::timeout(grace, self.stop()).await.is_ok()
+    }
+}
+
+/// Serves until SIGINT/SIGTERM, reloading the config on SIGHUP.
+pub async fn serve_until_signal(proxy: Proxy, mut signals: Signals) {
     loop {
         tokio::select! {
-            _ = hup.recv() => match proxy.app.reload() {
+            _ = signals.hangup.recv() => match proxy.app.reload() {
                 Ok(()) => tracing::info!("configuration reloaded"),
                 Err(e) => tracing::error!(error = %e, "reload refused; keeping the current configuration"),
             },
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = signals.terminate.recv() => break,
+            _ = signals.interrupt.recv() => break,
         }
     }
     tracing::info!("shutting down");
@@ -283,6 +315,13 @@ fn witness(path: &std::path::Path) -> ExitCode {
         }
     };
     rt.block_on(async {
+        let mut signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let wd = match crate::watchdog::Watchdog::start(config, crate::watchdog::PeerRole::Witness).await {
             Ok(wd) => wd,
             Err(e) => {
@@ -291,16 +330,7 @@ fn witness(path: &std::path::Path) -> ExitCode {
             }
         };
         tracing::info!(node = wd.id(), addr = %wd.local_addr(), "watchdog witness running");
-        use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(mut t), Ok(mut i)) => {
-                tokio::select! {
-                    _ = t.recv() => {}
-                    _ = i.recv() => {}
-                }
-            }
-            _ => tracing::error!("cannot install signal handlers"),
-        }
+        signals.stop().await;
         let _ = wd.shutdown().await;
         ExitCode::SUCCESS
     })

@@ -289,8 +289,11 @@ impl Default for FailoverConfig {
     }
 }
 
+/// Runtime threads when the config does not set `worker_threads`: one, as PgBouncer runs.
+pub const DEFAULT_WORKER_THREADS: usize = 1;
+
 fn default_worker_threads() -> usize {
-    1
+    DEFAULT_WORKER_THREADS
 }
 
 fn default_pg_port() -> u16 {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::cli::Signals;
 use crate::config::Config;
 use crate::localcluster::{ClusterOptions, LocalCluster};
 use crate::server::Proxy;
@@ -53,8 +54,38 @@ const FOLLOW_PRIMARY_HOOK: &str = include_str!("../conf/hooks/follow_primary.sh"
 
 /// Runs the demo until Ctrl-C; with `peers` > 1, that many proxies with a watchdog.
 pub fn run(port: u16, standbys: usize, peers: usize) -> ExitCode {
-    eprintln!("starting a PostgreSQL primary and {standbys} streaming standbys...");
-    let DemoSetup { cluster, config_path } = match prepare(port, standbys, false) {
+    // The runtime and the signal handlers come first: a Ctrl-C while the servers are being
+    // created must not kill the process before it has removed them and their directory.
+    // The demo's config leaves `worker_threads` at its default.
+    let rt = match crate::cli::runtime(crate::config::DEFAULT_WORKER_THREADS) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut signals = match rt.block_on(async { Signals::install() }) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let plural = if standbys == 1 { "" } else { "s" };
+    eprintln!("starting a PostgreSQL primary and {standbys} streaming standby{plural}...");
+    let setup = prepare(port, standbys, false);
+    // In a terminal, Ctrl-C also reaches initdb and the servers, so setup may have failed
+    // because of it: report the interruption, not the failure it caused.
+    if rt.block_on(signals.stop_received(Duration::from_millis(100))) {
+        if let Ok(s) = &setup {
+            eprintln!("interrupted; stopping PostgreSQL servers and removing {}", s.cluster.dir().display());
+        } else {
+            eprintln!("interrupted");
+        }
+        drop(setup);
+        return ExitCode::FAILURE;
+    }
+    let DemoSetup { cluster, config_path } = match setup {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");
@@ -69,15 +100,8 @@ pub fn run(port: u16, standbys: usize, peers: usize) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let rt = match crate::cli::runtime(config.worker_threads) {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     if peers > 1 {
-        let code = rt.block_on(run_peers(port, peers, &cluster, config_path.clone()));
+        let code = rt.block_on(run_peers(port, peers, &cluster, config_path.clone(), signals));
         drop(rt);
         eprintln!("stopping PostgreSQL servers and removing {}", dir.display());
         drop(cluster);
@@ -95,7 +119,7 @@ pub fn run(port: u16, standbys: usize, peers: usize) -> ExitCode {
             eprintln!("the proxy found no primary; see the logs above");
         }
         print_banner(&proxy, &cluster, &config_path);
-        crate::cli::serve_until_signal(proxy).await;
+        crate::cli::serve_until_signal(proxy, signals).await;
         ExitCode::SUCCESS
     });
     drop(rt);
@@ -106,7 +130,7 @@ pub fn run(port: u16, standbys: usize, peers: usize) -> ExitCode {
 
 /// Writes one config per peer (next to the single-proxy one) with a `watchdog:` section, starts
 /// them all in this process, and serves until SIGINT/SIGTERM.
-async fn run_peers(port: u16, peers: usize, cluster: &LocalCluster, base: PathBuf) -> ExitCode {
+async fn run_peers(port: u16, peers: usize, cluster: &LocalCluster, base: PathBuf, mut signals: Signals) -> ExitCode {
     let base_text = match std::fs::read_to_string(&base) {
         Ok(t) => t,
         Err(e) => {
@@ -166,13 +190,7 @@ async fn run_peers(port: u16, peers: usize, cluster: &LocalCluster, base: PathBu
          The leader runs failovers once a majority of the peers sees the primary fail.\n\
          Press Ctrl-C to stop everything and remove the temporary directory.\n"
     );
-    use tokio::signal::unix::{signal, SignalKind};
-    if let (Ok(mut t), Ok(mut i)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        tokio::select! {
-            _ = t.recv() => {}
-            _ = i.recv() => {}
-        }
-    }
+    signals.stop().await;
     for (_, _, p) in proxies {
         p.shutdown(Duration::from_secs(5)).await;
     }

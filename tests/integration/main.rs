@@ -5,6 +5,7 @@ mod common;
 mod auth;
 mod bad_input;
 mod config;
+mod demo;
 mod failover;
 mod jdbc;
 mod pgbench;
