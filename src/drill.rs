@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::auth::BackendCredential;
 use crate::backend::{BackendConn, ConnectSpec};
+use crate::cli::Signals;
 use crate::cluster::NodeStatus;
 use crate::config::Config;
 use crate::demo::{self, DemoSetup, DEMO_PASSWORD, DEMO_USER};
@@ -75,8 +76,23 @@ enum Kill {
     Command(String),
 }
 
+/// The drill's runtime, with the signal handlers installed before anything is started, so a
+/// Ctrl-C stops the drill cleanly (and removes a throwaway cluster) instead of killing it.
+fn runtime_and_signals() -> Result<(tokio::runtime::Runtime, Signals), String> {
+    let rt = crate::cli::runtime(0).map_err(|e| format!("cannot start runtime: {e}"))?;
+    let signals = rt.block_on(async { Signals::install() }).map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    Ok((rt, signals))
+}
+
 /// Runs a drill against the cluster of `existing.config` and prints its report.
 pub fn run_existing(existing: Existing) -> ExitCode {
+    let (rt, signals) = match runtime_and_signals() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = match Config::load(&existing.config) {
         Ok(c) => c,
         Err(e) => {
@@ -90,13 +106,25 @@ pub fn run_existing(existing: Existing) -> ExitCode {
         database: existing.database,
         kill: Kill::Command(existing.kill_command),
     };
-    drill_with(config, existing.config, target)
+    drill_with(&rt, signals, config, existing.config, target)
 }
 
 /// Runs one drill on a throwaway cluster and prints its report.
 pub fn run_local(standbys: usize) -> ExitCode {
+    let (rt, mut signals) = match runtime_and_signals() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     eprintln!("starting a PostgreSQL primary and {standbys} synchronous standbys for the drill...");
-    let DemoSetup { cluster, config_path } = match demo::prepare(0, standbys.max(1), true) {
+    let setup = demo::prepare(0, standbys.max(1), true);
+    if rt.block_on(signals.stop_received(Duration::from_millis(100))) {
+        eprintln!("interrupted; removing the drill's cluster");
+        return ExitCode::FAILURE;
+    }
+    let DemoSetup { cluster, config_path } = match setup {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");
@@ -120,35 +148,33 @@ pub fn run_local(standbys: usize) -> ExitCode {
         database: "postgres".to_owned(),
         kill: Kill::Pid(victim),
     };
-    let code = drill_with(config, config_path, target);
+    let code = drill_with(&rt, signals, config, config_path, target);
+    drop(rt);
     drop(cluster);
     code
 }
 
-fn drill_with(config: Config, config_path: std::path::PathBuf, target: Target) -> ExitCode {
+fn drill_with(rt: &tokio::runtime::Runtime, mut signals: Signals, config: Config, config_path: std::path::PathBuf, target: Target) -> ExitCode {
     // Session pooling: every drill session holds a backend of its own.
     let needed = WRITERS + IDLE_SESSIONS + 2;
     if config.pool.pool_size < needed {
         eprintln!("the drill opens {needed} sessions at once; set pool.pool_size to at least {needed} (it is {})", config.pool.pool_size);
         return ExitCode::FAILURE;
     }
-    let rt = match crate::cli::runtime(0) {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let result = rt.block_on(async {
         let proxy = Proxy::start(config, Some(config_path)).await.map_err(|e| e.to_string())?;
-        if !proxy.wait_for_primary(Duration::from_secs(30)).await {
-            return Err("the proxy found no primary".to_owned());
-        }
-        let report = drill(&proxy, &target).await;
+        let report = tokio::select! {
+            r = async {
+                if !proxy.wait_for_primary(Duration::from_secs(30)).await {
+                    return Err("the proxy found no primary".to_owned());
+                }
+                drill(&proxy, &target).await
+            } => r,
+            _ = signals.stop() => Err("interrupted".to_owned()),
+        };
         proxy.shutdown(Duration::from_secs(5)).await;
         report
     });
-    drop(rt);
     match result {
         Ok(r) => {
             print_report(&r);
