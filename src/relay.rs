@@ -256,26 +256,27 @@ fn try_write_now(sock: &TcpStream, data: &[u8]) -> std::io::Result<usize> {
     }
 }
 
-/// Writes all of `data`: at once if the socket takes it, else waiting for room.
-#[inline]
-async fn write_fully(sock: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
-    let n = try_write_now(sock, data)?;
-    if n < data.len() {
-        sock.write_all(&data[n..]).await?;
-    }
-    Ok(())
+/// What forwarding the complete part of a buffer did without waiting.
+enum Forwarded {
+    /// All of it was written and consumed. `stop`: the scan stopped at a message that ends
+    /// the relay (Terminate from the client; the server terminating an idle session).
+    Done { stop: bool },
+    /// The socket took only `written` of the `forward` bytes; nothing is consumed yet.
+    Partial { written: usize, forward: usize, stop: bool },
 }
 
-/// Scans backend bytes in `bbuf` and forwards the complete part to the client. Returns true
-/// if the backend announced it is terminating while the session was idle (that message is
-/// kept back).
-async fn forward_backend(
+/// Scans backend bytes in `bbuf`, updates the protocol state and writes the complete part to
+/// the client as far as its socket takes it now. Synchronous on purpose: its locals live on
+/// the (shared, hot) stack instead of in each session's future, which keeps the memory a
+/// wake-up touches per session small; with dozens of sessions that decides whether their
+/// state stays in the CPU's cache.
+fn forward_backend_now(
     bbuf: &mut BytesMut,
-    client: &mut TcpStream,
+    client: &TcpStream,
     tracker: &mut Tracker,
     session: &mut SessionState,
     stats: &mut LocalStats<'_>,
-) -> Result<bool, RelayError> {
+) -> Result<Forwarded, RelayError> {
     let mut transactions = 0u64;
     let mut lost = false;
     let Tracker { backend: framer, outstanding, status, .. } = tracker;
@@ -315,18 +316,82 @@ async fn forward_backend(
             Step::Forward
         })
         .map_err(RelayError::BackendFrame)?;
-    if scan.forward > 0 {
-        write_fully(client, &bbuf[..scan.forward]).await.map_err(RelayError::Client)?;
-        consume(bbuf, scan.forward);
-        stats.to_client += scan.forward as u64;
-    }
     stats.transactions += transactions;
     stats.tick();
-    Ok(lost)
+    let written = try_write_now(client, &bbuf[..scan.forward]).map_err(RelayError::Client)?;
+    if written < scan.forward {
+        return Ok(Forwarded::Partial { written, forward: scan.forward, stop: lost });
+    }
+    consume(bbuf, scan.forward);
+    stats.to_client += scan.forward as u64;
+    Ok(Forwarded::Done { stop: lost })
 }
 
-/// Scans client bytes already in `cbuf` and forwards the complete part to the backend.
-/// Returns true if the client sent Terminate.
+/// Forwards the complete part of `bbuf` to the client, waiting for room if its socket is
+/// full. Returns true if the backend announced it is terminating while the session was idle
+/// (that message is kept back).
+async fn forward_backend(
+    bbuf: &mut BytesMut,
+    client: &mut TcpStream,
+    tracker: &mut Tracker,
+    session: &mut SessionState,
+    stats: &mut LocalStats<'_>,
+) -> Result<bool, RelayError> {
+    match forward_backend_now(bbuf, client, tracker, session, stats)? {
+        Forwarded::Done { stop } => Ok(stop),
+        Forwarded::Partial { written, forward, stop } => {
+            finish_backend_write(bbuf, written, forward, client, stats).await?;
+            Ok(stop)
+        }
+    }
+}
+
+/// Writes `bbuf[written..forward]` (already scanned) to the client, waiting for room, then
+/// consumes it.
+async fn finish_backend_write(
+    bbuf: &mut BytesMut,
+    written: usize,
+    forward: usize,
+    client: &mut TcpStream,
+    stats: &mut LocalStats<'_>,
+) -> Result<(), RelayError> {
+    client.write_all(&bbuf[written..forward]).await.map_err(RelayError::Client)?;
+    consume(bbuf, forward);
+    stats.to_client += forward as u64;
+    Ok(())
+}
+
+/// Scans client bytes in `cbuf`, updates the protocol state and writes the complete part to
+/// the backend as far as its socket takes it now. Synchronous for the same reason as
+/// [`forward_backend_now`].
+fn forward_client_now(
+    cbuf: &mut BytesMut,
+    backend: &TcpStream,
+    tracker: &mut Tracker,
+    session: &mut SessionState,
+    max_len: u32,
+    stats: &mut LocalStats<'_>,
+) -> Result<Forwarded, RelayError> {
+    let mut framer = std::mem::take(&mut tracker.client);
+    let result = framer.scan(cbuf, max_len, |t| t == b'P' || t == b'C', |tag, body| {
+        if tag == b'P' || tag == b'C' {
+            session.on_frontend(tag, body);
+        }
+        tracker.on_frontend(tag)
+    });
+    tracker.client = framer;
+    let scan = result.map_err(RelayError::ClientFrame)?;
+    let written = try_write_now(backend, &cbuf[..scan.forward]).map_err(RelayError::Backend)?;
+    if written < scan.forward {
+        return Ok(Forwarded::Partial { written, forward: scan.forward, stop: scan.stopped });
+    }
+    consume(cbuf, scan.forward);
+    stats.to_backend += scan.forward as u64;
+    Ok(Forwarded::Done { stop: scan.stopped })
+}
+
+/// Forwards the complete part of `cbuf` to the backend, relaying the server's replies while
+/// its input is full. Returns true if the client sent Terminate.
 #[allow(clippy::too_many_arguments)]
 async fn forward_client(
     cbuf: &mut BytesMut,
@@ -338,28 +403,39 @@ async fn forward_client(
     max_len: u32,
     stats: &mut LocalStats<'_>,
 ) -> Result<bool, RelayError> {
-    let Tracker { client, .. } = tracker;
-    let mut framer = std::mem::take(client);
-    let result = framer.scan(cbuf, max_len, |t| t == b'P' || t == b'C', |tag, body| {
-        if tag == b'P' || tag == b'C' {
-            session.on_frontend(tag, body);
+    match forward_client_now(cbuf, backend, tracker, session, max_len, stats)? {
+        Forwarded::Done { stop } => Ok(stop),
+        Forwarded::Partial { written, forward, stop } => {
+            finish_client_write(cbuf, written, forward, backend, bbuf, client_sock, tracker, session, stats).await?;
+            Ok(stop)
         }
-        tracker.on_frontend(tag)
-    });
-    tracker.client = framer;
-    let scan = result.map_err(RelayError::ClientFrame)?;
-    let mut written = try_write_now(backend, &cbuf[..scan.forward]).map_err(RelayError::Backend)?;
-    while written < scan.forward {
-        // Keep relaying the server's replies while its input is full: a client that pipelines
-        // megabytes and reads results at the same time would otherwise deadlock with the
-        // server, each waiting for the other to read.
+    }
+}
+
+/// Writes `cbuf[written..forward]` (already scanned) to the backend while relaying the
+/// server's replies, then consumes it: a client that pipelines megabytes and reads results
+/// at the same time would otherwise deadlock with the server, each waiting for the other to
+/// read.
+#[allow(clippy::too_many_arguments)]
+async fn finish_client_write(
+    cbuf: &mut BytesMut,
+    mut written: usize,
+    forward: usize,
+    backend: &mut TcpStream,
+    bbuf: &mut BytesMut,
+    client_sock: &mut TcpStream,
+    tracker: &mut Tracker,
+    session: &mut SessionState,
+    stats: &mut LocalStats<'_>,
+) -> Result<(), RelayError> {
+    while written < forward {
         if bbuf.capacity() - bbuf.len() < READ_CHUNK / 4 {
             bbuf.reserve(READ_CHUNK);
         }
         let (mut from_backend, mut to_backend) = backend.split();
         tokio::select! {
             biased;
-            r = to_backend.write(&cbuf[written..scan.forward]) => {
+            r = to_backend.write(&cbuf[written..forward]) => {
                 match r.map_err(RelayError::Backend)? {
                     0 => return Err(RelayError::Backend(std::io::ErrorKind::WriteZero.into())),
                     n => written += n,
@@ -376,9 +452,9 @@ async fn forward_client(
             }
         }
     }
-    consume(cbuf, scan.forward);
-    stats.to_backend += scan.forward as u64;
-    Ok(scan.stopped)
+    consume(cbuf, forward);
+    stats.to_backend += forward as u64;
+    Ok(())
 }
 
 /// Resolves when the proxy shuts down. The select loop polls it every time both sockets are
@@ -490,7 +566,16 @@ pub async fn relay(
                 {
                     return Ok(RelayEnd::Rerouted);
                 }
-                if forward_client(cbuf, backend, &mut bbuf, client, tracker, session, max_len, &mut stats).await? {
+                let stop = match forward_client_now(cbuf, backend, tracker, session, max_len, &mut stats)? {
+                    Forwarded::Done { stop } => stop,
+                    // Rare: the server's input is full.
+                    Forwarded::Partial { written, forward, stop } => {
+                        finish_client_write(cbuf, written, forward, backend, &mut bbuf, client, tracker, session, &mut stats)
+                            .await?;
+                        stop
+                    }
+                };
+                if stop {
                     return Ok(RelayEnd::ClientTerminated);
                 }
                 stats.tick();
@@ -503,7 +588,15 @@ pub async fn relay(
                 if n == 0 {
                     return Err(RelayError::BackendClosed);
                 }
-                if forward_backend(&mut bbuf, client, tracker, session, &mut stats).await? {
+                let lost = match forward_backend_now(&mut bbuf, client, tracker, session, &mut stats)? {
+                    Forwarded::Done { stop } => stop,
+                    // Rare: the client's socket is full.
+                    Forwarded::Partial { written, forward, stop } => {
+                        finish_backend_write(&mut bbuf, written, forward, client, &mut stats).await?;
+                        stop
+                    }
+                };
+                if lost {
                     return Ok(RelayEnd::BackendLost);
                 }
                 if draining && tracker.is_idle() {
