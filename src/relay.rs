@@ -513,13 +513,13 @@ pub async fn relay(
         return Ok(RelayEnd::ClientTerminated);
     }
     let idle_enabled = !idle_timeout.is_zero();
-    let idle_sleep = tokio::time::sleep(idle_timeout);
-    tokio::pin!(idle_sleep);
+    // The timer and the cancellation future are boxed: both are large and almost never
+    // polled, and inline they would spread the loop's hot locals over more cache lines.
+    let mut idle_sleep = Box::pin(tokio::time::sleep(idle_timeout));
     // Created once: a cancellation future registers itself with the shared token when first
     // polled, and re-creating it every iteration would take the token's lock per message.
-    let cancelled = app.shutdown.cancelled();
-    tokio::pin!(cancelled);
-    let mut shutdown = ShutdownSignal { app, cancelled, registered: false };
+    let mut cancelled = Box::pin(app.shutdown.cancelled());
+    let mut shutdown = ShutdownSignal { app, cancelled: cancelled.as_mut(), registered: false };
     let mut changes = app.cluster_changed.subscribe();
     let mut draining = false;
     loop {
@@ -538,7 +538,7 @@ pub async fn relay(
                 r = backend.read_buf(&mut bbuf) => Wake::Backend(r),
                 r = client.read_buf(cbuf) => Wake::Client(r),
                 _ = &mut shutdown, if !draining => Wake::Shutdown,
-                _ = &mut idle_sleep, if idle_enabled && tracker.is_idle() => Wake::IdleTimeout,
+                _ = idle_sleep.as_mut(), if idle_enabled && tracker.is_idle() => Wake::IdleTimeout,
             }
         } else {
             tokio::select! {
@@ -546,7 +546,7 @@ pub async fn relay(
                 r = client.read_buf(cbuf) => Wake::Client(r),
                 r = backend.read_buf(&mut bbuf) => Wake::Backend(r),
                 _ = &mut shutdown, if !draining => Wake::Shutdown,
-                _ = &mut idle_sleep, if idle_enabled && tracker.is_idle() => Wake::IdleTimeout,
+                _ = idle_sleep.as_mut(), if idle_enabled && tracker.is_idle() => Wake::IdleTimeout,
             }
         };
         match wake {
