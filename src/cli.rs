@@ -177,6 +177,14 @@ pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime
     builder.enable_all().thread_name("pglifeguard").build()
 }
 
+/// [`runtime`] with [`Signals`] installed in it, for a command that must not be killed by
+/// a signal before it has cleaned up what it starts. The error is the message to print.
+pub fn runtime_with_signals(worker_threads: usize) -> Result<(tokio::runtime::Runtime, Signals), String> {
+    let rt = runtime(worker_threads).map_err(|e| format!("cannot start runtime: {e}"))?;
+    let signals = rt.block_on(async { Signals::install() }).map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    Ok((rt, signals))
+}
+
 fn run(path: PathBuf) -> ExitCode {
     let config = match Config::load(&path) {
         Ok(c) => c,
@@ -185,21 +193,14 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let rt = match runtime(config.worker_threads) {
-        Ok(rt) => rt,
+    let (rt, signals) = match runtime_with_signals(config.worker_threads) {
+        Ok(r) => r,
         Err(e) => {
-            eprintln!("cannot start runtime: {e}");
+            eprintln!("{e}");
             return ExitCode::FAILURE;
         }
     };
     rt.block_on(async {
-        let signals = match Signals::install() {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("cannot install signal handlers: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
         let proxy = match Proxy::start(config, Some(path)).await {
             Ok(p) => p,
             Err(e) => {
@@ -236,10 +237,7 @@ impl Signals {
 
     /// Resolves at SIGINT or SIGTERM, at once for one received since [`Signals::install`].
     pub async fn stop(&mut self) {
-        tokio::select! {
-            _ = self.terminate.recv() => {}
-            _ = self.interrupt.recv() => {}
-        }
+        stop_signal(&mut self.terminate, &mut self.interrupt).await
     }
 
     /// Whether SIGINT or SIGTERM has arrived, giving the runtime `grace` to deliver one that is
@@ -249,16 +247,25 @@ impl Signals {
     }
 }
 
+/// What [`Signals::stop`] waits for, over the two fields alone so that a caller can wait for
+/// SIGHUP at the same time.
+async fn stop_signal(terminate: &mut tokio::signal::unix::Signal, interrupt: &mut tokio::signal::unix::Signal) {
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+}
+
 /// Serves until SIGINT/SIGTERM, reloading the config on SIGHUP.
-pub async fn serve_until_signal(proxy: Proxy, mut signals: Signals) {
+pub async fn serve_until_signal(proxy: Proxy, signals: Signals) {
+    let Signals { mut hangup, mut terminate, mut interrupt } = signals;
     loop {
         tokio::select! {
-            _ = signals.hangup.recv() => match proxy.app.reload() {
+            _ = hangup.recv() => match proxy.app.reload() {
                 Ok(()) => tracing::info!("configuration reloaded"),
                 Err(e) => tracing::error!(error = %e, "reload refused; keeping the current configuration"),
             },
-            _ = signals.terminate.recv() => break,
-            _ = signals.interrupt.recv() => break,
+            _ = stop_signal(&mut terminate, &mut interrupt) => break,
         }
     }
     tracing::info!("shutting down");
@@ -307,21 +314,14 @@ fn witness(path: &std::path::Path) -> ExitCode {
     if let (true, Some(dir)) = (config.state_dir.is_relative(), path.parent()) {
         config.state_dir = dir.join(&config.state_dir);
     }
-    let rt = match runtime(1) {
-        Ok(rt) => rt,
+    let (rt, mut signals) = match runtime_with_signals(1) {
+        Ok(r) => r,
         Err(e) => {
-            eprintln!("cannot start runtime: {e}");
+            eprintln!("{e}");
             return ExitCode::FAILURE;
         }
     };
     rt.block_on(async {
-        let mut signals = match Signals::install() {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("cannot install signal handlers: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
         let wd = match crate::watchdog::Watchdog::start(config, crate::watchdog::PeerRole::Witness).await {
             Ok(wd) => wd,
             Err(e) => {

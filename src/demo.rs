@@ -57,17 +57,10 @@ pub fn run(port: u16, standbys: usize, peers: usize) -> ExitCode {
     // The runtime and the signal handlers come first: a Ctrl-C while the servers are being
     // created must not kill the process before it has removed them and their directory.
     // The demo's config leaves `worker_threads` at its default.
-    let rt = match crate::cli::runtime(crate::config::DEFAULT_WORKER_THREADS) {
-        Ok(rt) => rt,
+    let (rt, mut signals) = match crate::cli::runtime_with_signals(crate::config::DEFAULT_WORKER_THREADS) {
+        Ok(r) => r,
         Err(e) => {
-            eprintln!("cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut signals = match rt.block_on(async { Signals::install() }) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("cannot install signal handlers: {e}");
+            eprintln!("{e}");
             return ExitCode::FAILURE;
         }
     };

@@ -76,17 +76,11 @@ enum Kill {
     Command(String),
 }
 
-/// The drill's runtime, with the signal handlers installed before anything is started, so a
-/// Ctrl-C stops the drill cleanly (and removes a throwaway cluster) instead of killing it.
-fn runtime_and_signals() -> Result<(tokio::runtime::Runtime, Signals), String> {
-    let rt = crate::cli::runtime(0).map_err(|e| format!("cannot start runtime: {e}"))?;
-    let signals = rt.block_on(async { Signals::install() }).map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    Ok((rt, signals))
-}
-
 /// Runs a drill against the cluster of `existing.config` and prints its report.
 pub fn run_existing(existing: Existing) -> ExitCode {
-    let (rt, signals) = match runtime_and_signals() {
+    // Signals first, so a Ctrl-C stops the drill cleanly instead of killing it; one worker
+    // per core.
+    let (rt, signals) = match crate::cli::runtime_with_signals(0) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("{e}");
@@ -111,7 +105,8 @@ pub fn run_existing(existing: Existing) -> ExitCode {
 
 /// Runs one drill on a throwaway cluster and prints its report.
 pub fn run_local(standbys: usize) -> ExitCode {
-    let (rt, mut signals) = match runtime_and_signals() {
+    // As in run_existing; a Ctrl-C during setup also removes the throwaway cluster.
+    let (rt, mut signals) = match crate::cli::runtime_with_signals(0) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("{e}");

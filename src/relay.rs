@@ -566,6 +566,8 @@ pub async fn relay(
                 {
                     return Ok(RelayEnd::Rerouted);
                 }
+                // forward_client, spelled out: awaiting that async fn would store its state in
+                // this future on every message (see forward_backend_now).
                 let stop = match forward_client_now(cbuf, backend, tracker, session, max_len, &mut stats)? {
                     Forwarded::Done { stop } => stop,
                     // Rare: the server's input is full.
@@ -588,6 +590,7 @@ pub async fn relay(
                 if n == 0 {
                     return Err(RelayError::BackendClosed);
                 }
+                // forward_backend, spelled out for the same reason.
                 let lost = match forward_backend_now(&mut bbuf, client, tracker, session, &mut stats)? {
                     Forwarded::Done { stop } => stop,
                     // Rare: the client's socket is full.
