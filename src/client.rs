@@ -20,7 +20,7 @@ use crate::auth;
 use crate::cancel::{CancelKey, CancelTarget};
 use crate::pool::{Lease, Leftover, PoolError, PoolKey};
 use crate::protocol::{self, sqlstate, Severity};
-use crate::relay::{self, RelayEnd, RelayError, SessionState, Tracker};
+use crate::relay::{self, RelayEnd, RelayError, SessionState};
 use crate::startup::{self, FirstPacket, StartupParams};
 
 /// Serves one accepted client connection until it ends. Never panics on client input.
@@ -219,9 +219,12 @@ async fn run_session(
         let node = conn.node;
         let epoch = conn.epoch;
         key.set_target(Some(CancelTarget { addr: conn.addr.clone(), pid: conn.pid, secret: conn.secret }));
-        let mut tracker = Tracker::default();
-        let result =
-            Box::pin(relay::relay(app, sock, &mut cbuf, &mut lease.conn().stream, epoch, &mut tracker, &mut session)).await;
+        // Boxed (the relay is Unpin): while it runs, this future holds only a pointer to it.
+        let mut relay = Box::new(relay::relay(app, sock, std::mem::take(&mut cbuf), &mut lease.conn().stream, epoch, &mut session));
+        let result = (&mut *relay).await;
+        let (rest, tracker) = relay.take_parts();
+        drop(relay);
+        cbuf = rest;
         key.set_target(None);
         if result.as_ref().ok() == Some(&RelayEnd::Rerouted) {
             // Idle backend of a former primary: the pool closes it (its epoch is stale).
