@@ -20,7 +20,7 @@ use crate::auth;
 use crate::cancel::{CancelKey, CancelTarget};
 use crate::pool::{Lease, Leftover, PoolError, PoolKey};
 use crate::protocol::{self, sqlstate, Severity};
-use crate::relay::{self, RelayEnd, RelayError, SessionState};
+use crate::relay::{self, RelayEnd, RelayError, RelayOutcome, RelayParts, SessionState, Tracker};
 use crate::startup::{self, FirstPacket, StartupParams};
 
 /// Serves one accepted client connection until it ends. Never panics on client input.
@@ -73,7 +73,7 @@ async fn session(app: &Arc<App>, mut sock: TcpStream, span: &tracing::Span) {
         }
         return;
     }
-    if let Err(e) = Box::pin(run_session(app, &mut sock, &params, &key, span)).await {
+    if let Err(e) = Box::pin(run_session(app, sock, &params, &key, span)).await {
         span.in_scope(|| tracing::info!(error = %e, "session ended with an error"));
     }
 }
@@ -154,11 +154,13 @@ enum SessionError {
     Pool(#[from] PoolError),
     #[error(transparent)]
     Relay(#[from] RelayError),
+    #[error("relay task failed: {0}")]
+    RelayTask(#[source] tokio::task::JoinError),
 }
 
 async fn run_session(
-    app: &App,
-    sock: &mut TcpStream,
+    app: &Arc<App>,
+    mut sock: TcpStream,
     params: &StartupParams,
     key: &CancelKey,
     span: &tracing::Span,
@@ -173,7 +175,7 @@ async fn run_session(
     let welcome = match pool.welcome(&startup_params) {
         Some(w) => w,
         None => {
-            let l = Box::pin(checkout_or_report(app, &pool, &startup_params, sock).instrument(span.clone())).await?;
+            let l = Box::pin(checkout_or_report(app, &pool, &startup_params, &mut sock).instrument(span.clone())).await?;
             let w = Arc::new(l.0);
             lease = Some(l.1);
             w
@@ -198,14 +200,14 @@ async fn run_session(
             None => {
                 // Wait for the (next) request without holding a buffer or a backend, unless
                 // the relay already read it (a rerouted session).
-                if cbuf.is_empty() && !wait_first_request(app, sock, &mut cbuf).await? {
+                if cbuf.is_empty() && !wait_first_request(app, &mut sock, &mut cbuf).await? {
                     return Ok(());
                 }
-                let mut l = Box::pin(checkout_or_report(app, &pool, &startup_params, sock).instrument(span.clone())).await?.1;
+                let mut l = Box::pin(checkout_or_report(app, &pool, &startup_params, &mut sock).instrument(span.clone())).await?.1;
                 if restore {
                     if let Err(e) = l.conn().restore(&session).await {
                         span.in_scope(|| tracing::warn!(error = %e, "cannot restore the session on a new backend"));
-                        reject(sock, sqlstate::CONNECTION_FAILURE, &format!("cannot restore session after failover: {e}")).await;
+                        reject(&mut sock, sqlstate::CONNECTION_FAILURE, &format!("cannot restore session after failover: {e}")).await;
                         Box::pin(l.release(app, Leftover::Broken).instrument(span.clone())).await;
                         return Ok(());
                     }
@@ -215,17 +217,24 @@ async fn run_session(
                 l
             }
         };
-        let conn = lease.conn();
+        let conn = lease.take_conn();
         let node = conn.node;
-        let epoch = conn.epoch;
         key.set_target(Some(CancelTarget { addr: conn.addr.clone(), pid: conn.pid, secret: conn.secret }));
-        // Boxed (the relay is Unpin): while it runs, this future holds only a pointer to it.
-        let mut relay = Box::new(relay::relay(app, sock, std::mem::take(&mut cbuf), &mut lease.conn().stream, epoch, &mut session));
-        let result = (&mut *relay).await;
-        let (rest, tracker) = relay.take_parts();
-        drop(relay);
-        cbuf = rest;
+        let parts = RelayParts { client: sock, conn, session, cbuf, tracker: Tracker::default() };
+        let outcome = relay::spawn(Arc::clone(app), parts).await;
         key.set_target(None);
+        let RelayOutcome { result, parts } = match outcome {
+            Ok(outcome) => *outcome,
+            Err(e) => {
+                // The relay task panicked (or the runtime is going away) with the client's
+                // socket and the backend: both are closed, the pool slot is freed.
+                Box::pin(lease.release(app, Leftover::Broken).instrument(span.clone())).await;
+                return Err(SessionError::RelayTask(e));
+            }
+        };
+        let RelayParts { client, conn, session: kept, cbuf: rest, tracker } = parts;
+        (sock, session, cbuf) = (client, kept, rest);
+        lease.put_conn(conn);
         if result.as_ref().ok() == Some(&RelayEnd::Rerouted) {
             // Idle backend of a former primary: the pool closes it (its epoch is stale).
             Box::pin(lease.release(app, Leftover::Idle).instrument(span.clone())).await;
@@ -248,31 +257,36 @@ async fn run_session(
             continue;
         }
         let leftover = match &result {
-            Err(RelayError::BackendClosed | RelayError::Backend(_) | RelayError::BackendFrame(_)) | Ok(RelayEnd::BackendLost) => {
+            Err(RelayError::BackendClosed | RelayError::Backend(_) | RelayError::BackendFrame(_) | RelayError::Oversized)
+            | Ok(RelayEnd::BackendLost) => {
                 Leftover::Broken
             }
             _ => tracker.leftover(),
         };
         match &result {
             Ok(RelayEnd::Shutdown) => {
-                reject(sock, sqlstate::ADMIN_SHUTDOWN, "terminating connection because the proxy is shutting down").await
+                reject(&mut sock, sqlstate::ADMIN_SHUTDOWN, "terminating connection because the proxy is shutting down").await
             }
             Ok(RelayEnd::IdleTimeout) => {
-                reject(sock, sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to client_idle_timeout").await
+                reject(&mut sock, sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to client_idle_timeout").await
             }
             Ok(RelayEnd::BackendLost) | Err(RelayError::BackendClosed | RelayError::Backend(_)) => {
                 // A request was in flight or a transaction open: replaying it elsewhere could
                 // apply a write twice, so the client is told and the session ends.
                 app.metrics.error("backend_lost");
-                reject(sock, sqlstate::CONNECTION_FAILURE, "server connection lost during a transaction or request").await
+                reject(&mut sock, sqlstate::CONNECTION_FAILURE, "server connection lost during a transaction or request").await
             }
             Err(RelayError::ClientFrame(e)) => {
                 app.metrics.error("bad_client_message");
-                reject(sock, sqlstate::PROTOCOL_VIOLATION, &e.to_string()).await
+                reject(&mut sock, sqlstate::PROTOCOL_VIOLATION, &e.to_string()).await
+            }
+            Err(e @ RelayError::Oversized) => {
+                app.metrics.error("oversized_backlog");
+                reject(&mut sock, sqlstate::PROTOCOL_VIOLATION, &e.to_string()).await
             }
             Err(RelayError::BackendFrame(_)) => {
                 app.metrics.error("bad_backend_message");
-                reject(sock, sqlstate::PROTOCOL_VIOLATION, "invalid message from server").await
+                reject(&mut sock, sqlstate::PROTOCOL_VIOLATION, "invalid message from server").await
             }
             Ok(RelayEnd::ClientGone | RelayEnd::ClientTerminated | RelayEnd::Rerouted) | Err(RelayError::Client(_)) => {}
         }

@@ -392,8 +392,8 @@ impl Config {
                 return invalid(key, "must be greater than zero".into());
             }
         }
-        if p.max_message_size < 1024 {
-            return invalid("pool.max_message_size", "must be at least 1024 bytes".into());
+        if !(1024..=1 << 30).contains(&p.max_message_size) {
+            return invalid("pool.max_message_size", "must be between 1024 bytes and 1 GiB (PostgreSQL's own limit)".into());
         }
         if let Some(w) = &self.watchdog {
             if let Err(e) = w.validate() {

@@ -79,7 +79,7 @@ pub struct Pool {
 /// A connection lent to one client. Dropping it without [`Lease::release`] closes the
 /// connection, so a panicking session never returns a backend in an unknown state.
 pub struct Lease {
-    /// Always `Some` until `release` takes it out.
+    /// `Some` until `release` takes it out, except while a relay task owns it.
     conn: Option<BackendConn>,
     pool: Arc<Pool>,
     metrics: crate::metrics::Metrics,
@@ -331,6 +331,17 @@ fn settings(params: &BTreeMap<String, String>) -> BTreeMap<String, String> {
 }
 
 impl Lease {
+    /// Moves the lent connection out, for the relay task to own while it runs; it comes back
+    /// through [`Lease::put_conn`]. A lease released without it only frees its pool slot.
+    pub fn take_conn(&mut self) -> BackendConn {
+        self.conn.take().expect("present until released")
+    }
+
+    /// Puts back the connection taken by [`Lease::take_conn`].
+    pub fn put_conn(&mut self, conn: BackendConn) {
+        self.conn = Some(conn);
+    }
+
     /// The lent connection.
     pub fn conn(&mut self) -> &mut BackendConn {
         self.conn.as_mut().expect("present until released")

@@ -8,12 +8,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BytesMut};
 use tokio::net::TcpStream;
 
 use crate::app::App;
+use crate::backend::BackendConn;
 use crate::pool::{Leftover, Welcome};
 use crate::protocol::{backend_tag, error_field, frontend_tag, parse_error_fields, parse_parameter_status, FrameError, Framer, Step};
 
@@ -140,6 +142,10 @@ pub enum RelayError {
     /// The backend closed the connection.
     #[error("backend closed the connection")]
     BackendClosed,
+    /// More than 4 GiB of messages waited in one buffer (impossible within the limits on
+    /// message sizes; checked rather than assumed).
+    #[error("more than 4 GiB of messages waiting in one buffer")]
+    Oversized,
     /// The client sent an impossible message header.
     #[error("invalid message from client: {0}")]
     ClientFrame(FrameError),
@@ -354,14 +360,28 @@ fn forward_client_now(
 }
 
 /// Scanned bytes at the front of a buffer that a socket has not fully taken yet.
+///
+/// Counts are `u32` so that both directions' pending writes fit on the relay's first cache
+/// line. A buffer never holds 4 GiB: it holds at most one incomplete message whose body the
+/// relay reads (client messages are capped by `max_message_size`, at most 1 GiB; the server's
+/// inspected messages are short) plus one read.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     /// How many of them were written.
-    written: usize,
+    written: u32,
     /// How many there are (the buffer's prefix that was scanned).
-    forward: usize,
+    forward: u32,
     /// The scan stopped at a message that ends the relay, right after these bytes.
     stop: bool,
+}
+
+impl Pending {
+    fn new(written: usize, forward: usize, stop: bool) -> Result<Pending, RelayError> {
+        match (u32::try_from(written), u32::try_from(forward)) {
+            (Ok(written), Ok(forward)) => Ok(Pending { written, forward, stop }),
+            _ => Err(RelayError::Oversized),
+        }
+    }
 }
 
 /// Reads what `sock` has into `buf`, registering the task for readiness if it has nothing.
@@ -375,12 +395,13 @@ fn poll_read_into(sock: &mut TcpStream, cx: &mut Context<'_>, buf: &mut BytesMut
 }
 
 /// Writes `data[*written..]` to `sock` as room appears, advancing `written`.
-fn poll_write_rest(sock: &TcpStream, cx: &mut Context<'_>, data: &[u8], written: &mut usize) -> Poll<std::io::Result<()>> {
-    while *written < data.len() {
+fn poll_write_rest(sock: &TcpStream, cx: &mut Context<'_>, data: &[u8], written: &mut u32) -> Poll<std::io::Result<()>> {
+    while (*written as usize) < data.len() {
         ready!(sock.poll_write_ready(cx))?;
-        match sock.try_write(&data[*written..]) {
+        match sock.try_write(&data[*written as usize..]) {
             Ok(0) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
-            Ok(n) => *written += n,
+            // At most data.len(), which fits (see Pending).
+            Ok(n) => *written += n as u32,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Poll::Ready(Err(e)),
         }
@@ -399,27 +420,80 @@ fn ensure_room(buf: &mut BytesMut) {
 /// What one turn of the relay's poll loop came to.
 type Turn = Poll<Result<Option<RelayEnd>, RelayError>>;
 
+/// What the relay of a session owns while it runs, and gives back when it ends.
+#[derive(Debug)]
+pub struct RelayParts {
+    /// The client's socket.
+    pub client: TcpStream,
+    /// The backend connection, taken out of its lease.
+    pub conn: BackendConn,
+    /// What the client set up on its backend.
+    pub session: SessionState,
+    /// Client bytes read but not forwarded: the request that caused the backend checkout on
+    /// the way in; on the way out, a request the relay kept back ([`RelayEnd::Rerouted`]).
+    pub cbuf: BytesMut,
+    /// Protocol state of the session, at the end of the relay.
+    pub tracker: Tracker,
+}
+
+/// How a relay ended, with everything it owned.
+#[derive(Debug)]
+pub struct RelayOutcome {
+    /// Why it ended.
+    pub result: Result<RelayEnd, RelayError>,
+    /// The sockets, buffers and state it owned.
+    pub parts: RelayParts,
+}
+
+/// Relays between a client and its backend, in a task of its own, until the client leaves,
+/// the session times out or the proxy shuts down.
+///
+/// Why a task of its own: every wake-up of a task walks from the task down to the future
+/// that is waiting, and a session's own future is a chain of async functions (session, its
+/// loop, the relay) whose states lie on different cache lines. With dozens of sessions those
+/// lines decide much of the proxy's CPU time. As the top-level future of its task, the relay
+/// is reached directly, and it owns its sockets instead of pointing to them. The session's
+/// task sleeps on the join handle meanwhile and is woken once, when the relay ends.
+///
+/// `parts.cbuf` may already hold client bytes (the request that caused the backend
+/// checkout). A request that starts a new transaction after the cluster epoch moved past the
+/// connection's is not sent to it ([`RelayEnd::Rerouted`]).
+///
+/// The outcome is boxed: a task's output type is moved around on every poll of the task, and
+/// inline it would be several hundred bytes copied per wake-up.
+pub fn spawn(app: Arc<App>, parts: RelayParts) -> tokio::task::JoinHandle<Box<RelayOutcome>> {
+    tokio::spawn(Relay::new(app, parts))
+}
+
 /// The relay of one session, as a future written by hand rather than an `async fn` with a
-/// `select!`: every wake-up of a session walks this state, and with dozens of sessions
-/// whether it stays in the CPU's L1 cache decides much of the proxy's CPU time. Here what a
-/// wake-up touches (the protocol state, both buffers, the sockets, the counters) is owned or
-/// pointed to from three cache lines at the start of a cache-line-aligned struct (`repr(C)`:
-/// the order below is the layout), and polling a socket builds no future.
+/// `select!`: every wake-up walks this state, so what a wake-up touches (the protocol state,
+/// both buffers, the client socket, the counters, then the backend socket) comes first, on
+/// consecutive cache lines of a cache-line-aligned struct (`repr(C)`: the order below is
+/// the layout), and polling a socket builds no future.
 ///
 /// Flow control mirrors PostgreSQL's own: backend bytes the client cannot take yet stop
 /// everything else until it does, and client bytes the server cannot take yet stop reading
 /// the client while the server's replies keep flowing (a client that pipelines megabytes
 /// and reads results at the same time would otherwise deadlock with the server).
-///
-/// The client buffer and the tracker are moved in and handed back by [`Relay::take_parts`],
-/// rather than borrowed, so that they sit on these lines too.
 #[repr(C, align(64))]
-pub struct Relay<'a> {
-    // First line: protocol state and flags.
+struct Relay {
+    /// The relay's state; `None` once it has ended and handed everything back.
+    state: Option<RelayState>,
+}
+
+/// A field of this type makes the next field of a `repr(C)` struct start a cache line.
+#[derive(Debug, Default, Clone, Copy)]
+#[repr(align(64))]
+struct LineStart;
+
+#[repr(C, align(64))]
+struct RelayState {
+    // First line: protocol state, pending writes and flags.
     tracker: Tracker,
     /// Backend bytes scanned but not yet taken by the client.
     to_client: Option<Pending>,
-    app: &'a App,
+    /// Client bytes scanned but not yet taken by the backend.
+    to_backend: Option<Pending>,
     max_len: u32,
     /// The first poll forwards the request already in `cbuf`.
     started: bool,
@@ -428,17 +502,17 @@ pub struct Relay<'a> {
     /// The shutdown future has registered this task's waker.
     registered: bool,
     // Second line: the buffers.
+    _line1: LineStart,
     cbuf: BytesMut,
     bbuf: BytesMut,
-    // Third line: the sockets and the counters.
-    client: &'a mut TcpStream,
-    backend: &'a mut TcpStream,
-    /// Client bytes scanned but not yet taken by the backend.
-    to_backend: Option<Pending>,
+    // Third line: the client socket, the counters.
+    client: TcpStream,
+    app: Arc<App>,
     stats: LocalStats,
+    // Fourth line: the backend socket, first field of the connection.
+    conn: BackendConn,
     // Touched on rarer paths.
-    session: &'a mut SessionState,
-    epoch: u64,
+    session: SessionState,
     changes: tokio::sync::watch::Receiver<u64>,
     /// The idle timeout and its timer, when one is configured; boxed because it is large and
     /// rarely fires.
@@ -446,76 +520,66 @@ pub struct Relay<'a> {
     /// Created once and polled once, to register with the shared token: polling it costs a
     /// walk through its waiter list, so afterwards only the flag that
     /// [`App::begin_shutdown`] sets before cancelling is read.
-    cancelled: Pin<Box<tokio_util::sync::WaitForCancellationFuture<'a>>>,
+    cancelled: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
-/// Relays until the client leaves, the session times out or the proxy shuts down.
-/// `cbuf` may already hold client bytes (the request that caused the backend checkout).
-/// `epoch` is the cluster epoch the backend was assigned under: a request that starts a new
-/// transaction after the epoch moved is not sent to this backend ([`RelayEnd::Rerouted`]).
-/// Once the relay has ended, [`Relay::take_parts`] gives back the client buffer (with any
-/// request read but not forwarded) and the protocol state.
-pub fn relay<'a>(
-    app: &'a App,
-    client: &'a mut TcpStream,
-    cbuf: BytesMut,
-    backend: &'a mut TcpStream,
-    epoch: u64,
-    session: &'a mut SessionState,
-) -> Relay<'a> {
-    let config = app.config.load();
-    let max_len = config.pool.max_message_size;
-    let idle_timeout = config.pool.client_idle_timeout;
-    drop(config);
-    let idle = (!idle_timeout.is_zero()).then(|| (idle_timeout, Box::pin(tokio::time::sleep(idle_timeout))));
-    Relay {
-        tracker: Tracker::default(),
-        to_client: None,
-        app,
-        max_len,
-        started: false,
-        draining: false,
-        registered: false,
-        cbuf,
-        bbuf: BytesMut::with_capacity(READ_CHUNK),
-        client,
-        backend,
-        to_backend: None,
-        stats: LocalStats::default(),
-        session,
-        epoch,
-        changes: app.cluster_changed.subscribe(),
-        idle,
-        cancelled: Box::pin(app.shutdown.cancelled()),
+impl Relay {
+    fn new(app: Arc<App>, parts: RelayParts) -> Relay {
+        let config = app.config.load();
+        let max_len = config.pool.max_message_size;
+        let idle_timeout = config.pool.client_idle_timeout;
+        drop(config);
+        let idle = (!idle_timeout.is_zero()).then(|| (idle_timeout, Box::pin(tokio::time::sleep(idle_timeout))));
+        let RelayParts { client, conn, session, cbuf, tracker } = parts;
+        Relay {
+            state: Some(RelayState {
+                tracker,
+                to_client: None,
+                max_len,
+                started: false,
+                draining: false,
+                registered: false,
+                _line1: LineStart,
+                cbuf,
+                bbuf: BytesMut::with_capacity(READ_CHUNK),
+                client,
+                stats: LocalStats::default(),
+                to_backend: None,
+                conn,
+                session,
+                changes: app.cluster_changed.subscribe(),
+                idle,
+                cancelled: Box::pin(app.shutdown.clone().cancelled_owned()),
+                app,
+            }),
+        }
     }
 }
 
-impl Relay<'_> {
-    /// The client buffer and the protocol state, taken out once the relay has ended.
-    pub fn take_parts(&mut self) -> (BytesMut, Tracker) {
-        (std::mem::take(&mut self.cbuf), std::mem::take(&mut self.tracker))
-    }
-}
+impl std::future::Future for Relay {
+    type Output = Box<RelayOutcome>;
 
-impl Drop for Relay<'_> {
-    fn drop(&mut self) {
-        self.stats.flush(&self.app.metrics);
-    }
-}
-
-impl std::future::Future for Relay<'_> {
-    type Output = Result<RelayEnd, RelayError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Box<RelayOutcome>> {
         let this = self.get_mut();
-        if !this.started {
-            this.started = true;
-            if let Some(end) = this.forward_client()? {
+        let state = this.state.as_mut().expect("relay polled after it ended");
+        let result = ready!(state.poll_relay(cx));
+        let Some(mut state) = this.state.take() else { unreachable!("checked above") };
+        state.stats.flush(&state.app.metrics);
+        let RelayState { client, conn, session, cbuf, tracker, .. } = state;
+        Poll::Ready(Box::new(RelayOutcome { result, parts: RelayParts { client, conn, session, cbuf, tracker } }))
+    }
+}
+
+impl RelayState {
+    fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<Result<RelayEnd, RelayError>> {
+        if !self.started {
+            self.started = true;
+            if let Some(end) = self.forward_client()? {
                 return Poll::Ready(Ok(end));
             }
         }
         loop {
-            match this.turn(cx) {
+            match self.turn(cx) {
                 Poll::Ready(Ok(None)) => continue,
                 Poll::Ready(Ok(Some(end))) => return Poll::Ready(Ok(end)),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -523,9 +587,6 @@ impl std::future::Future for Relay<'_> {
             }
         }
     }
-}
-
-impl Relay<'_> {
     /// Handles one event, or registers for all of them and returns `Pending`.
     fn turn(&mut self, cx: &mut Context<'_>) -> Turn {
         if self.to_client.is_some() {
@@ -588,7 +649,7 @@ impl Relay<'_> {
     /// Reads the client and forwards its complete messages.
     fn poll_client(&mut self, cx: &mut Context<'_>) -> Turn {
         ensure_room(&mut self.cbuf);
-        let n = ready!(poll_read_into(self.client, cx, &mut self.cbuf)).map_err(RelayError::Client)?;
+        let n = ready!(poll_read_into(&mut self.client, cx, &mut self.cbuf)).map_err(RelayError::Client)?;
         if n == 0 {
             return Poll::Ready(Ok(Some(RelayEnd::ClientGone)));
         }
@@ -598,7 +659,7 @@ impl Relay<'_> {
         if self.tracker.is_idle()
             && self.tracker.client.at_boundary()
             && self.changes.has_changed().unwrap_or(false)
-            && *self.changes.borrow_and_update() != self.epoch
+            && *self.changes.borrow_and_update() != self.conn.epoch
             && self.cbuf.first() != Some(&frontend_tag::TERMINATE)
         {
             return Poll::Ready(Ok(Some(RelayEnd::Rerouted)));
@@ -613,12 +674,12 @@ impl Relay<'_> {
 
     /// Forwards the complete messages in `cbuf`, as far as the backend takes them now.
     fn forward_client(&mut self) -> Result<Option<RelayEnd>, RelayError> {
-        match forward_client_now(&mut self.cbuf, &*self.backend, &mut self.tracker, self.session, self.max_len, &mut self.stats)? {
+        match forward_client_now(&mut self.cbuf, &self.conn.stream, &mut self.tracker, &mut self.session, self.max_len, &mut self.stats)? {
             Forwarded::Done { stop: true } => Ok(Some(RelayEnd::ClientTerminated)),
             Forwarded::Done { stop: false } => Ok(None),
             // Rare: the server's input is full.
             Forwarded::Partial { written, forward, stop } => {
-                self.to_backend = Some(Pending { written, forward, stop });
+                self.to_backend = Some(Pending::new(written, forward, stop)?);
                 Ok(None)
             }
         }
@@ -637,16 +698,16 @@ impl Relay<'_> {
     /// announced it is terminating (that message is kept back).
     fn read_and_forward_backend(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, RelayError>> {
         ensure_room(&mut self.bbuf);
-        let n = ready!(poll_read_into(self.backend, cx, &mut self.bbuf)).map_err(RelayError::Backend)?;
+        let n = ready!(poll_read_into(&mut self.conn.stream, cx, &mut self.bbuf)).map_err(RelayError::Backend)?;
         if n == 0 {
             return Poll::Ready(Err(RelayError::BackendClosed));
         }
         self.stats.tick(&self.app.metrics);
-        Poll::Ready(match forward_backend_now(&mut self.bbuf, &*self.client, &mut self.tracker, self.session, &mut self.stats)? {
+        Poll::Ready(match forward_backend_now(&mut self.bbuf, &self.client, &mut self.tracker, &mut self.session, &mut self.stats)? {
             Forwarded::Done { stop } => Ok(stop),
             // Rare: the client's socket is full.
             Forwarded::Partial { written, forward, stop } => {
-                self.to_client = Some(Pending { written, forward, stop });
+                self.to_client = Some(Pending::new(written, forward, stop)?);
                 Ok(false)
             }
         })
@@ -667,12 +728,12 @@ impl Relay<'_> {
     /// Writes the backend bytes the client has not taken yet; nothing else moves meanwhile.
     fn finish_to_client(&mut self, cx: &mut Context<'_>) -> Turn {
         let Some(mut p) = self.to_client else { return Poll::Ready(Ok(None)) };
-        let r = poll_write_rest(&*self.client, cx, &self.bbuf[..p.forward], &mut p.written);
+        let r = poll_write_rest(&self.client, cx, &self.bbuf[..p.forward as usize], &mut p.written);
         self.to_client = Some(p);
         ready!(r).map_err(RelayError::Client)?;
         self.to_client = None;
-        consume(&mut self.bbuf, p.forward);
-        self.stats.to_client += p.forward as u64;
+        consume(&mut self.bbuf, p.forward as usize);
+        self.stats.to_client += u64::from(p.forward);
         if self.to_backend.is_some() {
             // The server is going away in the middle of a request.
             return Poll::Ready(if p.stop { Err(RelayError::BackendClosed) } else { Ok(None) });
@@ -684,13 +745,13 @@ impl Relay<'_> {
     /// while its input is full.
     fn finish_to_backend(&mut self, cx: &mut Context<'_>) -> Turn {
         let Some(mut p) = self.to_backend else { return Poll::Ready(Ok(None)) };
-        let r = poll_write_rest(&*self.backend, cx, &self.cbuf[..p.forward], &mut p.written);
+        let r = poll_write_rest(&self.conn.stream, cx, &self.cbuf[..p.forward as usize], &mut p.written);
         self.to_backend = Some(p);
         if let Poll::Ready(r) = r {
             r.map_err(RelayError::Backend)?;
             self.to_backend = None;
-            consume(&mut self.cbuf, p.forward);
-            self.stats.to_backend += p.forward as u64;
+            consume(&mut self.cbuf, p.forward as usize);
+            self.stats.to_backend += u64::from(p.forward);
             if p.stop {
                 return Poll::Ready(Ok(Some(RelayEnd::ClientTerminated)));
             }
@@ -723,12 +784,14 @@ mod tests {
     }
 
     #[test]
-    fn hot_fields_fill_the_first_three_cache_lines() {
-        use std::mem::offset_of;
-        assert_eq!(std::mem::align_of::<Relay<'static>>(), 64);
-        assert_eq!(offset_of!(Relay<'static>, cbuf), 64, "first line: tracker, pending output, flags");
-        assert_eq!(offset_of!(Relay<'static>, client), 128, "second line: the two buffers");
-        assert!(offset_of!(Relay<'static>, stats) + std::mem::size_of::<LocalStats>() <= 192, "third line: sockets, counters");
+    fn hot_fields_fill_the_first_cache_lines() {
+        use std::mem::{align_of, offset_of, size_of};
+        assert_eq!(align_of::<RelayState>(), 64);
+        assert_eq!(offset_of!(RelayState, cbuf), 64, "first line: tracker, pending output, flags");
+        assert_eq!(offset_of!(RelayState, client), 128, "second line: the two buffers");
+        assert!(offset_of!(RelayState, stats) + size_of::<LocalStats>() <= 192, "third line: client socket, counters");
+        assert_eq!(offset_of!(RelayState, conn), 192, "fourth line: the backend socket");
+        assert_eq!(offset_of!(BackendConn, stream), 0);
     }
 
     #[test]
