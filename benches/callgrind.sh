@@ -14,6 +14,9 @@
 # session's hot state fits in the L1 cache decides much of the proxy's user time; the
 # simulation shows it without hardware counters (it does not see the kernel or the other
 # processes that also evict the cache between wake-ups, so real misses are higher).
+# D1=size,associativity,line (e.g. D1=8192,8,64) simulates a smaller L1 instead: the kernel's
+# work between two wake-ups of a session (about 80 % of a proxy's CPU) evicts much of the
+# real L1, so a small simulated cache approximates the lines each transaction has to fetch.
 #
 # Needs the shared cluster up (`$SHARED_BENCH/cluster.sh up`) and valgrind; PgBouncer for
 # TARGET=pgbouncer (run as root: PgBouncer runs as the postgres user).
@@ -22,7 +25,7 @@
 #
 # Environment (defaults):
 #   MODE=prepared  CLIENTS=8  TXNS=8000 (total, split over the clients)
-#   TARGET=pglifeguard (pglifeguard | pgbouncer)   CACHE_SIM=0
+#   TARGET=pglifeguard (pglifeguard | pgbouncer)   CACHE_SIM=0   D1= (valgrind's --D1)
 #   PORT=6450 (pglifeguard's metrics listener takes PORT+100)
 #   PGLIFEGUARD_BIN=<repo>/target/release/pglifeguard   OUT=/tmp/pglifeguard-callgrind
 #   PRIMARY_PORT=55432  PGBIN=/usr/lib/postgresql/15/bin
@@ -39,7 +42,7 @@ source "$REPO/benches/lib.sh"
 command -v valgrind >/dev/null || { say "valgrind not installed"; exit 2; }
 rm -rf "$OUT"; mkdir -p "$OUT"
 VALGRIND="valgrind --tool=callgrind --callgrind-out-file=$OUT/callgrind.out"
-[ "$CACHE_SIM" = 1 ] && VALGRIND="$VALGRIND --cache-sim=yes"
+[ "$CACHE_SIM" = 1 ] && VALGRIND="$VALGRIND --cache-sim=yes${D1:+ --D1=$D1}"
 LG_PID="" PB_PID=""
 stop_pgbouncer() { # only the PgBouncer this script started, by its PID
   [ -n "$PB_PID" ] || return 0

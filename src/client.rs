@@ -1,6 +1,7 @@
 //! One client session, start to end, in one task:
 //! startup packet → authentication → welcome → (first request) backend checkout → relay →
-//! backend cleanup and return to its pool.
+//! backend cleanup and return to its pool. The relay itself runs in a task of its own (see
+//! [`relay::spawn`]), which owns the sockets while it runs and hands them back when it ends.
 //!
 //! A backend is assigned lazily: when the pool already knows what ParameterStatus values a
 //! client with these startup parameters sees, the client is welcomed at once and gets a backend
@@ -53,7 +54,7 @@ enum Login {
 
 async fn session(app: &Arc<App>, mut sock: TcpStream, span: &tracing::Span) {
     let login_timeout = app.config.load().pool.client_login_timeout;
-    // Boxed, like the checkout and the relay below: a task's size is that of its largest
+    // Boxed, like the checkout and the session below: a task's size is that of its largest
     // state, and an idle client should not carry room for the others.
     let login = match tokio::time::timeout(login_timeout, Box::pin(login(app, &mut sock).instrument(span.clone()))).await {
         Ok(l) => l,
@@ -228,7 +229,8 @@ async fn run_session(
             Err(e) => {
                 // The relay task panicked (or the runtime is going away) with the client's
                 // socket and the backend: both are closed, the pool slot is freed.
-                Box::pin(lease.release(app, Leftover::Broken).instrument(span.clone())).await;
+                app.metrics.error("relay_task_failed");
+                lease.conn_lost();
                 return Err(SessionError::RelayTask(e));
             }
         };

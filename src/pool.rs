@@ -342,6 +342,17 @@ impl Lease {
         self.conn = Some(conn);
     }
 
+    /// Ends a lease whose connection, taken by [`Lease::take_conn`], never came back (the
+    /// relay task that owned it panicked and closed it): the pool stops counting it and the
+    /// slot is freed.
+    pub fn conn_lost(self) {
+        // With the connection still here, dropping the lease closes and uncounts it.
+        if self.conn.is_none() {
+            self.pool.open.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.backends.dec();
+        }
+    }
+
     /// The lent connection.
     pub fn conn(&mut self) -> &mut BackendConn {
         self.conn.as_mut().expect("present until released")

@@ -1,8 +1,9 @@
 //! The hot path: bytes between a client and its backend, forwarded as they arrive.
 //!
-//! One task owns both sockets and one buffer per direction, and [`Relay`] (a future written by
-//! hand) polls both for readiness, reads what arrived, and writes it on at once; a slow reader
-//! on either side pushes back on the other exactly as PostgreSQL itself would.
+//! One task ([`spawn`]) owns both sockets and one buffer per direction while a client has a
+//! backend. Its future, written by hand, polls both sockets for readiness, reads what
+//! arrived and writes it on at once; a slow reader on either side pushes back on the other
+//! exactly as PostgreSQL itself would.
 //! Headers are examined through [`Framer`]; bodies are never copied or decoded except the
 //! one-byte status of ReadyForQuery. Buffers are reused, so steady state allocates nothing.
 
@@ -36,10 +37,9 @@ const READ_CHUNK: usize = 16 * 1024;
 /// session would walk through its whole 16 KiB buffer before `reserve` wrapped it around:
 /// with dozens of sessions that is a working set of megabytes, each read writing into cache
 /// lines long evicted. Kept at the start, the reads of a request/response session hit the
-/// same few hot lines. For a buffer of READ_CHUNK or more, the common case (everything
-/// forwarded, nothing advanced before) costs a truncation and a comparison. A smaller buffer
-/// (the client's starts at the 4 KiB its first request was read into, and the relay only
-/// grows it when less than READ_CHUNK / 4 is free) takes the `try_reclaim` path every time:
+/// same few hot lines. For a buffer of READ_CHUNK or more (the relay gives both of its
+/// buffers that much), the common case (everything forwarded, nothing advanced before) costs
+/// a truncation and a comparison. A smaller buffer takes the `try_reclaim` path every time:
 /// still correct, just not the cheap path.
 #[inline]
 fn consume(buf: &mut BytesMut, n: usize) {
@@ -248,14 +248,20 @@ impl LocalStats {
 /// The common case of a relay write is a small message into an empty socket buffer, which
 /// this finishes in one system call without building a write future or spending the task's
 /// cooperative-scheduling budget (the read that woke the task already did).
+///
+/// The call goes straight to the (non-blocking) socket rather than through tokio's
+/// `try_write`, which first reads the socket's readiness from the reactor's shared state:
+/// one more cache line per write, for an answer the system call gives anyway. A full socket
+/// then falls back to tokio (`poll_write_ready`), whose stale readiness costs at most one
+/// more attempt before it registers for the wake-up.
 #[inline]
 fn try_write_now(sock: &TcpStream, data: &[u8]) -> std::io::Result<usize> {
     if data.is_empty() {
         return Ok(0);
     }
-    match sock.try_write(data) {
+    match socket2::SockRef::from(sock).send_with_flags(data, libc::MSG_NOSIGNAL) {
         Ok(n) => Ok(n),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => Ok(0),
         Err(e) => Err(e),
     }
 }
@@ -466,19 +472,21 @@ pub fn spawn(app: Arc<App>, parts: RelayParts) -> tokio::task::JoinHandle<Box<Re
 }
 
 /// The relay of one session, as a future written by hand rather than an `async fn` with a
-/// `select!`: every wake-up walks this state, so what a wake-up touches (the protocol state,
-/// both buffers, the client socket, the counters, then the backend socket) comes first, on
-/// consecutive cache lines of a cache-line-aligned struct (`repr(C)`: the order below is
-/// the layout), and polling a socket builds no future.
+/// `select!`: polling a socket builds no future, and the state a wake-up touches is laid
+/// out by [`RelayState`].
 ///
 /// Flow control mirrors PostgreSQL's own: backend bytes the client cannot take yet stop
 /// everything else until it does, and client bytes the server cannot take yet stop reading
 /// the client while the server's replies keep flowing (a client that pipelines megabytes
 /// and reads results at the same time would otherwise deadlock with the server).
-#[repr(C, align(64))]
 struct Relay {
     /// The relay's state; `None` once it has ended and handed everything back.
-    state: Option<RelayState>,
+    ///
+    /// Boxed, so that whether it is there is read from the pointer, next to the task's own
+    /// state. Inline, `Option` (and the task's stage around it) would keep its tag in the
+    /// largest niche of the state's fields, a timer's or the connection's nanoseconds on a
+    /// cold line, and every poll would load that line.
+    state: Option<Box<RelayState>>,
 }
 
 /// A field of this type makes the next field of a `repr(C)` struct start a cache line.
@@ -486,6 +494,10 @@ struct Relay {
 #[repr(align(64))]
 struct LineStart;
 
+/// What a relay owns. Every wake-up walks this state, so what a wake-up touches (the protocol
+/// state, both buffers, the client socket, the counters, then the backend socket) comes
+/// first, on consecutive cache lines of a cache-line-aligned struct (`repr(C)`: the order
+/// below is the layout; a unit test checks the offsets).
 #[repr(C, align(64))]
 struct RelayState {
     // First line: protocol state, pending writes and flags.
@@ -530,9 +542,14 @@ impl Relay {
         let idle_timeout = config.pool.client_idle_timeout;
         drop(config);
         let idle = (!idle_timeout.is_zero()).then(|| (idle_timeout, Box::pin(tokio::time::sleep(idle_timeout))));
-        let RelayParts { client, conn, session, cbuf, tracker } = parts;
+        let RelayParts { client, conn, session, mut cbuf, tracker } = parts;
+        // The first request was read into a small buffer; at READ_CHUNK, `consume` takes its
+        // cheap path.
+        if cbuf.capacity() < READ_CHUNK {
+            cbuf.reserve(READ_CHUNK - cbuf.len().min(READ_CHUNK));
+        }
         Relay {
-            state: Some(RelayState {
+            state: Some(Box::new(RelayState {
                 tracker,
                 to_client: None,
                 max_len,
@@ -551,7 +568,7 @@ impl Relay {
                 idle,
                 cancelled: Box::pin(app.shutdown.clone().cancelled_owned()),
                 app,
-            }),
+            })),
         }
     }
 }
@@ -565,7 +582,7 @@ impl std::future::Future for Relay {
         let result = ready!(state.poll_relay(cx));
         let Some(mut state) = this.state.take() else { unreachable!("checked above") };
         state.stats.flush(&state.app.metrics);
-        let RelayState { client, conn, session, cbuf, tracker, .. } = state;
+        let RelayState { client, conn, session, cbuf, tracker, .. } = *state;
         Poll::Ready(Box::new(RelayOutcome { result, parts: RelayParts { client, conn, session, cbuf, tracker } }))
     }
 }
@@ -587,6 +604,7 @@ impl RelayState {
             }
         }
     }
+
     /// Handles one event, or registers for all of them and returns `Pending`.
     fn turn(&mut self, cx: &mut Context<'_>) -> Turn {
         if self.to_client.is_some() {
@@ -766,7 +784,6 @@ impl RelayState {
         Poll::Ready(Ok(None))
     }
 }
-
 
 #[cfg(test)]
 mod tests {
