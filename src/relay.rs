@@ -271,8 +271,8 @@ enum Forwarded {
     /// All of it was written and consumed. `stop`: the scan stopped at a message that ends
     /// the relay (Terminate from the client; the server terminating an idle session).
     Done { stop: bool },
-    /// The socket took only `written` of the `forward` bytes; nothing is consumed yet.
-    Partial { written: usize, forward: usize, stop: bool },
+    /// The socket took only part of the scanned bytes; nothing is consumed yet.
+    Partial(Pending),
 }
 
 /// Scans backend bytes in `bbuf`, updates the protocol state and writes the complete part to
@@ -329,7 +329,7 @@ fn forward_backend_now(
     stats.transactions = stats.transactions.saturating_add(transactions);
     let written = try_write_now(client, &bbuf[..scan.forward]).map_err(RelayError::Client)?;
     if written < scan.forward {
-        return Ok(Forwarded::Partial { written, forward: scan.forward, stop: lost });
+        return Ok(Forwarded::Partial(Pending::new(written, scan.forward, lost)?));
     }
     consume(bbuf, scan.forward);
     stats.to_client += scan.forward as u64;
@@ -358,7 +358,7 @@ fn forward_client_now(
     let scan = result.map_err(RelayError::ClientFrame)?;
     let written = try_write_now(backend, &cbuf[..scan.forward]).map_err(RelayError::Backend)?;
     if written < scan.forward {
-        return Ok(Forwarded::Partial { written, forward: scan.forward, stop: scan.stopped });
+        return Ok(Forwarded::Partial(Pending::new(written, scan.forward, scan.stopped)?));
     }
     consume(cbuf, scan.forward);
     stats.to_backend += scan.forward as u64;
@@ -607,11 +607,11 @@ impl RelayState {
 
     /// Handles one event, or registers for all of them and returns `Pending`.
     fn turn(&mut self, cx: &mut Context<'_>) -> Turn {
-        if self.to_client.is_some() {
-            return self.finish_to_client(cx);
+        if let Some(pending) = self.to_client {
+            return self.finish_to_client(cx, pending);
         }
-        if self.to_backend.is_some() {
-            return self.finish_to_backend(cx);
+        if let Some(pending) = self.to_backend {
+            return self.finish_to_backend(cx, pending);
         }
         // The socket expected to speak next is polled first: a wake-up is then served by the
         // first poll, and the shutdown and idle checks only run when both sockets are quiet.
@@ -696,8 +696,8 @@ impl RelayState {
             Forwarded::Done { stop: true } => Ok(Some(RelayEnd::ClientTerminated)),
             Forwarded::Done { stop: false } => Ok(None),
             // Rare: the server's input is full.
-            Forwarded::Partial { written, forward, stop } => {
-                self.to_backend = Some(Pending::new(written, forward, stop)?);
+            Forwarded::Partial(pending) => {
+                self.to_backend = Some(pending);
                 Ok(None)
             }
         }
@@ -724,8 +724,8 @@ impl RelayState {
         Poll::Ready(match forward_backend_now(&mut self.bbuf, &self.client, &mut self.tracker, &mut self.session, &mut self.stats)? {
             Forwarded::Done { stop } => Ok(stop),
             // Rare: the client's socket is full.
-            Forwarded::Partial { written, forward, stop } => {
-                self.to_client = Some(Pending::new(written, forward, stop)?);
+            Forwarded::Partial(pending) => {
+                self.to_client = Some(pending);
                 Ok(false)
             }
         })
@@ -744,8 +744,7 @@ impl RelayState {
     }
 
     /// Writes the backend bytes the client has not taken yet; nothing else moves meanwhile.
-    fn finish_to_client(&mut self, cx: &mut Context<'_>) -> Turn {
-        let Some(mut p) = self.to_client else { return Poll::Ready(Ok(None)) };
+    fn finish_to_client(&mut self, cx: &mut Context<'_>, mut p: Pending) -> Turn {
         let r = poll_write_rest(&self.client, cx, &self.bbuf[..p.forward as usize], &mut p.written);
         self.to_client = Some(p);
         ready!(r).map_err(RelayError::Client)?;
@@ -761,8 +760,7 @@ impl RelayState {
 
     /// Writes the client bytes the backend has not taken yet, relaying the server's replies
     /// while its input is full.
-    fn finish_to_backend(&mut self, cx: &mut Context<'_>) -> Turn {
-        let Some(mut p) = self.to_backend else { return Poll::Ready(Ok(None)) };
+    fn finish_to_backend(&mut self, cx: &mut Context<'_>, mut p: Pending) -> Turn {
         let r = poll_write_rest(&self.conn.stream, cx, &self.cbuf[..p.forward as usize], &mut p.written);
         self.to_backend = Some(p);
         if let Poll::Ready(r) = r {
