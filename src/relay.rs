@@ -246,8 +246,7 @@ impl LocalStats {
 
 /// Writes what the socket takes right now, without waiting: 0 if it takes nothing.
 /// The common case of a relay write is a small message into an empty socket buffer, which
-/// this finishes in one system call without building a write future or spending the task's
-/// cooperative-scheduling budget (the read that woke the task already did).
+/// this finishes in one system call without building a write future.
 ///
 /// The call goes straight to the (non-blocking) socket rather than through tokio's
 /// `try_write`, which first reads the socket's readiness from the reactor's shared state:
@@ -390,14 +389,63 @@ impl Pending {
     }
 }
 
-/// Reads what `sock` has into `buf`, registering the task for readiness if it has nothing.
-/// Readiness is polled directly rather than through a read future, so a wake-up costs no
-/// future state and the relay's poll stays one flat function. (Through `poll_read`, a read
-/// shorter than the room offered marks the socket drained, saving the system call that
-/// would only say so.)
+/// Reads what `sock` has into `buf`'s spare room, or registers this task for the socket's
+/// next readiness.
+///
+/// `armed` is the relay's memory of the socket's read side: true from a poll that registered
+/// this task's waker until the socket is next seen ready. tokio takes a registered waker out
+/// only when it sets the socket's readiness, so while `armed` holds and the readiness is
+/// clear, the waker is still in place and the poll ends with one atomic load: a wake-up
+/// caused by the other socket does not register this one again (a lock, a waker comparison
+/// and the cooperative budget, twice per transaction). This relies on the relay being the
+/// only reader of the socket and running unconstrained by tokio's budget (see [`spawn`]):
+/// a budget-exhausted `poll_read_ready` returns `Pending` without registering.
+///
+/// The read is one `recv` inside `try_io`, which checks tokio's readiness first and clears it
+/// when told `WouldBlock`. A read shorter than the room offered is reported that way (after
+/// keeping its bytes), as tokio's own `poll_read` does: the socket's queue was drained, the
+/// next packet is a new event, and the `recv` that would only say so is saved.
 #[inline]
-fn poll_read_into(sock: &mut TcpStream, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<std::io::Result<usize>> {
-    tokio_util::io::poll_read_buf(Pin::new(sock), cx, buf)
+fn poll_recv(sock: &TcpStream, armed: &mut bool, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<std::io::Result<usize>> {
+    use std::io::ErrorKind::{Interrupted, WouldBlock};
+    loop {
+        let room = buf.capacity() - buf.len();
+        let mut short = None;
+        let mut seen_ready = false;
+        let result = sock.try_io(tokio::io::Interest::READABLE, || {
+            seen_ready = true;
+            let n = socket2::SockRef::from(sock).recv(buf.spare_capacity_mut())?;
+            if n > 0 && n < room {
+                short = Some(n);
+                return Err(WouldBlock.into());
+            }
+            Ok(n)
+        });
+        if !seen_ready {
+            // tokio's readiness is clear: nothing was read.
+            if *armed {
+                return Poll::Pending;
+            }
+            match sock.poll_read_ready(cx) {
+                Poll::Pending => {
+                    *armed = true;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            }
+        }
+        *armed = false;
+        let n = match (result, short) {
+            (_, Some(n)) | (Ok(n), None) => n,
+            // Readiness without data (a stale event): tokio has cleared it; register.
+            (Err(e), None) if matches!(e.kind(), WouldBlock | Interrupted) => continue,
+            (Err(e), None) => return Poll::Ready(Err(e)),
+        };
+        // SAFETY: `recv` initialised the first `n` bytes of the spare room it was given.
+        unsafe { buf.set_len(buf.len() + n) };
+        return Poll::Ready(Ok(n));
+    }
 }
 
 /// Writes `data[*written..]` to `sock` as room appears, advancing `written`.
@@ -467,9 +515,19 @@ pub struct RelayOutcome {
 ///
 /// The outcome is boxed: a task's output type is moved around on every poll of the task, and
 /// inline it would be several hundred bytes copied per wake-up.
+///
+/// The task runs outside tokio's cooperative budget, which would otherwise make a socket's
+/// readiness poll return `Pending` without registering the waker and break what
+/// [`poll_recv`] knows about its sockets; the relay bounds its own work per poll instead
+/// ([`TURNS_PER_POLL`]).
 pub fn spawn(app: Arc<App>, parts: RelayParts) -> tokio::task::JoinHandle<Box<RelayOutcome>> {
-    tokio::spawn(Relay::new(app, parts))
+    tokio::spawn(tokio::task::coop::unconstrained(Relay::new(app, parts)))
 }
+
+/// How many events one poll of a relay handles before it lets the worker run other tasks: a
+/// client streaming COPY data, or a server streaming a large result, would otherwise keep
+/// its relay looping while the other sessions on the same worker wait.
+const TURNS_PER_POLL: u32 = 64;
 
 /// The relay of one session, as a future written by hand rather than an `async fn` with a
 /// `select!`: polling a socket builds no future, and the state a wake-up touches is laid
@@ -513,6 +571,10 @@ struct RelayState {
     draining: bool,
     /// The shutdown future has registered this task's waker.
     registered: bool,
+    /// This task's waker is registered for the client's readiness ([`poll_recv`]).
+    client_armed: bool,
+    /// This task's waker is registered for the backend's readiness ([`poll_recv`]).
+    backend_armed: bool,
     // Second line: the buffers.
     _line1: LineStart,
     cbuf: BytesMut,
@@ -556,6 +618,8 @@ impl Relay {
                 started: false,
                 draining: false,
                 registered: false,
+                client_armed: false,
+                backend_armed: false,
                 _line1: LineStart,
                 cbuf,
                 bbuf: BytesMut::with_capacity(READ_CHUNK),
@@ -595,7 +659,7 @@ impl RelayState {
                 return Poll::Ready(Ok(end));
             }
         }
-        loop {
+        for _ in 0..TURNS_PER_POLL {
             match self.turn(cx) {
                 Poll::Ready(Ok(None)) => continue,
                 Poll::Ready(Ok(Some(end))) => return Poll::Ready(Ok(end)),
@@ -603,6 +667,9 @@ impl RelayState {
                 Poll::Pending => return Poll::Pending,
             }
         }
+        // Budget spent with work left: poll again after the worker's other tasks.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     /// Handles one event, or registers for all of them and returns `Pending`.
@@ -667,7 +734,7 @@ impl RelayState {
     /// Reads the client and forwards its complete messages.
     fn poll_client(&mut self, cx: &mut Context<'_>) -> Turn {
         ensure_room(&mut self.cbuf);
-        let n = ready!(poll_read_into(&mut self.client, cx, &mut self.cbuf)).map_err(RelayError::Client)?;
+        let n = ready!(poll_recv(&self.client, &mut self.client_armed, cx, &mut self.cbuf)).map_err(RelayError::Client)?;
         if n == 0 {
             return Poll::Ready(Ok(Some(RelayEnd::ClientGone)));
         }
@@ -716,7 +783,7 @@ impl RelayState {
     /// announced it is terminating (that message is kept back).
     fn read_and_forward_backend(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, RelayError>> {
         ensure_room(&mut self.bbuf);
-        let n = ready!(poll_read_into(&mut self.conn.stream, cx, &mut self.bbuf)).map_err(RelayError::Backend)?;
+        let n = ready!(poll_recv(&self.conn.stream, &mut self.backend_armed, cx, &mut self.bbuf)).map_err(RelayError::Backend)?;
         if n == 0 {
             return Poll::Ready(Err(RelayError::BackendClosed));
         }
@@ -807,6 +874,60 @@ mod tests {
         assert!(offset_of!(RelayState, stats) + size_of::<LocalStats>() <= 192, "third line: client socket, counters");
         assert_eq!(offset_of!(RelayState, conn), 192, "fourth line: the backend socket");
         assert_eq!(offset_of!(BackendConn, stream), 0);
+    }
+
+    /// A socket `poll_recv` left armed is skipped without being asked again, so the waker it
+    /// registered must be what brings the task back when data arrives; and a read that fills
+    /// the room offered must not be taken for a drained socket.
+    #[tokio::test]
+    async fn armed_socket_wakes_its_reader_and_full_reads_keep_reading() {
+        use std::future::poll_fn;
+        use std::time::Duration;
+        use tokio::io::AsyncWriteExt;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut writer = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (reader, _) = listener.accept().await.unwrap();
+        let mut armed = false;
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+
+        // Nothing to read: the poll registers and remembers it; polling again stays pending.
+        poll_fn(|cx| {
+            assert!(poll_recv(&reader, &mut armed, cx, &mut buf).is_pending());
+            assert!(armed);
+            assert!(poll_recv(&reader, &mut armed, cx, &mut buf).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+
+        // Data arrives: the waker registered above, this task's, brings it back, and the
+        // armed socket is read. (The relay's task is always the one that polls its sockets.)
+        let sending = tokio::spawn(async move { writer.write_all(b"hello").await.map(|()| writer) });
+        let n = tokio::time::timeout(Duration::from_secs(10), poll_fn(|cx| poll_recv(&reader, &mut armed, cx, &mut buf)))
+            .await
+            .expect("the armed socket's waker fired")
+            .unwrap();
+        assert_eq!((n, &buf[..]), (5, &b"hello"[..]));
+        assert!(!armed, "a read disarms");
+        let mut writer = sending.await.unwrap().unwrap();
+
+        // More than the room offered: every byte arrives, over as many reads as it takes.
+        let payload: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let sent = payload.clone();
+        let sending = tokio::spawn(async move { writer.write_all(&sent).await.map(|()| writer) });
+        buf.clear();
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            while buf.len() < payload.len() {
+                ensure_room(&mut buf);
+                let n = poll_fn(|cx| poll_recv(&reader, &mut armed, cx, &mut buf)).await.unwrap();
+                assert!(n > 0);
+            }
+            buf
+        })
+        .await
+        .expect("every byte was read");
+        assert_eq!(&got[..], &payload[..]);
+        drop(sending.await.unwrap().unwrap());
     }
 
     #[test]
