@@ -397,9 +397,8 @@ impl Pending {
 /// only when it sets the socket's readiness, so while `armed` holds and the readiness is
 /// clear, the waker is still in place and the poll ends with one atomic load: a wake-up
 /// caused by the other socket does not register this one again (a lock, a waker comparison
-/// and the cooperative budget, twice per transaction). This relies on the relay being the
-/// only reader of the socket and running unconstrained by tokio's budget (see [`spawn`]):
-/// a budget-exhausted `poll_read_ready` returns `Pending` without registering.
+/// and the cooperative budget, twice per transaction). This relies on the relay's task being
+/// the only one that reads the socket while the relay runs.
 ///
 /// The read is one `recv` inside `try_io`, which checks tokio's readiness first and clears it
 /// when told `WouldBlock`. A read shorter than the room offered is reported that way (after
@@ -426,14 +425,8 @@ fn poll_recv(sock: &TcpStream, armed: &mut bool, cx: &mut Context<'_>, buf: &mut
             if *armed {
                 return Poll::Pending;
             }
-            match sock.poll_read_ready(cx) {
-                Poll::Pending => {
-                    *armed = true;
-                    return Poll::Pending;
-                }
-                Poll::Ready(Ok(())) => continue,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            }
+            ready!(register_read(sock, armed, cx))?;
+            continue;
         }
         *armed = false;
         let n = match (result, short) {
@@ -446,6 +439,19 @@ fn poll_recv(sock: &TcpStream, armed: &mut bool, cx: &mut Context<'_>, buf: &mut
         unsafe { buf.set_len(buf.len() + n) };
         return Poll::Ready(Ok(n));
     }
+}
+
+/// Registers this task for `sock`'s next read readiness, noting in `armed` whether it did;
+/// `Ready` if the socket became ready meanwhile. Kept out of line so that [`poll_recv`]'s
+/// path for a ready socket stays small enough to be inlined whole.
+#[inline(never)]
+fn register_read(sock: &TcpStream, armed: &mut bool, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    // With the task's budget spent, tokio returns `Pending` without registering (it wakes
+    // the task to poll again instead): the socket is not armed then.
+    let registers = tokio::task::coop::has_budget_remaining();
+    let ready = sock.poll_read_ready(cx);
+    *armed = ready.is_pending() && registers;
+    ready
 }
 
 /// Writes `data[*written..]` to `sock` as room appears, advancing `written`.
@@ -515,18 +521,14 @@ pub struct RelayOutcome {
 ///
 /// The outcome is boxed: a task's output type is moved around on every poll of the task, and
 /// inline it would be several hundred bytes copied per wake-up.
-///
-/// The task runs outside tokio's cooperative budget, which would otherwise make a socket's
-/// readiness poll return `Pending` without registering the waker and break what
-/// [`poll_recv`] knows about its sockets; the relay bounds its own work per poll instead
-/// ([`TURNS_PER_POLL`]).
 pub fn spawn(app: Arc<App>, parts: RelayParts) -> tokio::task::JoinHandle<Box<RelayOutcome>> {
-    tokio::spawn(tokio::task::coop::unconstrained(Relay::new(app, parts)))
+    tokio::spawn(Relay::new(app, parts))
 }
 
 /// How many events one poll of a relay handles before it lets the worker run other tasks: a
 /// client streaming COPY data, or a server streaming a large result, would otherwise keep
-/// its relay looping while the other sessions on the same worker wait.
+/// its relay looping while the other sessions on the same worker wait. (Reads that find data
+/// do not spend tokio's cooperative budget, which would otherwise bound it.)
 const TURNS_PER_POLL: u32 = 64;
 
 /// The relay of one session, as a future written by hand rather than an `async fn` with a
