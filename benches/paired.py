@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""paired.py RESULTS.tsv [A] [B] -- compare two targets of a compare.sh run cell by cell.
+"""paired.py RESULTS.tsv [RESULTS.tsv ...] [A] [B] -- compare two targets cell by cell.
 
 With ORDER=cell, compare.sh runs every cell on each target back to back, so the i-th sample
 of A and the i-th sample of B of a cell were taken under the same machine conditions. This
@@ -8,6 +8,10 @@ CPU per 1000 transactions, and in how many rounds A had at least B's TPS. Below 
 the geometric mean of every paired ratio of all cells together, with a 95 % bootstrap
 interval (resampling rounds within each cell): whether one target is ahead overall, or the
 two differ by less than the machine's noise.
+Each row also gets the geometric mean of its own paired ratios with a 95 % bootstrap interval
+(resampling its rounds): a row whose interval lies below 1 (TPS) or above 1 (CPU) is behind
+by more than its own run-to-run spread. Several results files (runs of the same matrix)
+are pooled, each run's samples paired within that run.
 Defaults: A = pglifeguard, B = pgbouncer-session. Rows whose status is not ok are skipped.
 """
 import csv
@@ -22,10 +26,48 @@ def main() -> int:
     if len(sys.argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2
-    path = sys.argv[1]
-    a = sys.argv[2] if len(sys.argv) > 2 else "pglifeguard"
-    b = sys.argv[3] if len(sys.argv) > 3 else "pgbouncer-session"
-    samples = defaultdict(list)  # (target, workload, protocol, clients) -> [(tps, cpu)]
+    paths = [x for x in sys.argv[1:] if x.endswith(".tsv")]
+    names = [x for x in sys.argv[1:] if not x.endswith(".tsv")]
+    a = names[0] if names else "pglifeguard"
+    b = names[1] if len(names) > 1 else "pgbouncer-session"
+    # (target, workload, protocol, clients) -> [(tps, cpu)], per results file, so that a
+    # round of one run is never paired with a round of another.
+    runs = [load(p) for p in paths]
+    cells = sorted({k[1:] for s in runs for k in s if k[0] == a} & {k[1:] for s in runs for k in s if k[0] == b})
+    if not cells:
+        print(f"no cell has samples of both {a} and {b}", file=sys.stderr)
+        return 1
+    print(f"| workload | protocol | clients | rounds | {a} TPS | {b} TPS | TPS ratio | TPS ratio, mean (95 %) "
+          f"| rounds {a} ≥ {b} | {a} CPU s/1k | {b} CPU s/1k | CPU ratio | CPU ratio, mean (95 %) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    all_tps, all_cpu = [], []
+    for cell in cells:
+        xs, ys, tps_ratios, cpu_ratios = [], [], [], []
+        for run in runs:
+            rx, ry = run.get((a, *cell), []), run.get((b, *cell), [])
+            n = min(len(rx), len(ry))
+            xs += rx[:n]
+            ys += ry[:n]
+            tps_ratios += [rx[i][0] / ry[i][0] for i in range(n)]
+            cpu_ratios += [rx[i][1] / ry[i][1] for i in range(n) if ry[i][1] > 0]
+        all_tps.append(tps_ratios)
+        all_cpu.append(cpu_ratios)
+        wins = sum(r >= 1.0 for r in tps_ratios)
+        med = statistics.median
+        wl, proto, clients = cell
+        print(f"| {wl} | {proto} | {clients} | {len(xs)} | {med(x[0] for x in xs):.0f} | {med(y[0] for y in ys):.0f} "
+              f"| {med(tps_ratios):.3f} | {interval(tps_ratios)} | {wins}/{len(xs)} "
+              f"| {med(x[1] for x in xs):.4f} | {med(y[1] for y in ys):.4f} "
+              f"| {med(cpu_ratios) if cpu_ratios else float('nan'):.3f} | {interval(cpu_ratios)} |")
+    print()
+    for name, per_cell in (("TPS", all_tps), ("CPU per transaction", all_cpu)):
+        mean, low, high = pooled(per_cell)
+        print(f"All cells, {name} {a}/{b}: geometric mean {mean:.3f} (95 % interval {low:.3f}-{high:.3f})")
+    return 0
+
+
+def load(path):
+    samples = defaultdict(list)
     with open(path, newline="") as f:
         for row in csv.DictReader(f, delimiter="\t"):
             if row["status"] != "ok":
@@ -33,31 +75,12 @@ def main() -> int:
             key = (row["target"], row["workload"], row["protocol"], int(row["clients"]))
             cpu = float(row["proxy_cpu_s_per_1k_txn"]) if row["proxy_cpu_s_per_1k_txn"] not in ("", "-") else float("nan")
             samples[key].append((float(row["tps"]), cpu))
-    cells = sorted({k[1:] for k in samples if k[0] == a} & {k[1:] for k in samples if k[0] == b})
-    if not cells:
-        print(f"no cell has samples of both {a} and {b}", file=sys.stderr)
-        return 1
-    print(f"| workload | protocol | clients | rounds | {a} TPS | {b} TPS | TPS ratio | rounds {a} ≥ {b} "
-          f"| {a} CPU s/1k | {b} CPU s/1k | CPU ratio |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    all_tps, all_cpu = [], []
-    for wl, proto, clients in cells:
-        xs, ys = samples[(a, wl, proto, clients)], samples[(b, wl, proto, clients)]
-        n = min(len(xs), len(ys))
-        tps_ratios = [xs[i][0] / ys[i][0] for i in range(n)]
-        cpu_ratios = [xs[i][1] / ys[i][1] for i in range(n) if ys[i][1] > 0]
-        all_tps.append(tps_ratios)
-        all_cpu.append(cpu_ratios)
-        wins = sum(r >= 1.0 for r in tps_ratios)
-        med = statistics.median
-        print(f"| {wl} | {proto} | {clients} | {n} | {med(x[0] for x in xs):.0f} | {med(y[0] for y in ys):.0f} "
-              f"| {med(tps_ratios):.3f} | {wins}/{n} | {med(x[1] for x in xs):.4f} | {med(y[1] for y in ys):.4f} "
-              f"| {med(cpu_ratios) if cpu_ratios else float('nan'):.3f} |")
-    print()
-    for name, per_cell in (("TPS", all_tps), ("CPU per transaction", all_cpu)):
-        mean, low, high = pooled(per_cell)
-        print(f"All cells, {name} {a}/{b}: geometric mean {mean:.3f} (95 % interval {low:.3f}-{high:.3f})")
-    return 0
+    return samples
+
+
+def interval(ratios):
+    mean, low, high = pooled([ratios])
+    return f"{mean:.3f} ({low:.3f}-{high:.3f})"
 
 
 def geomean(ratios):

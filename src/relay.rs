@@ -389,16 +389,17 @@ impl Pending {
     }
 }
 
-/// Reads what `sock` has into `buf`'s spare room, or registers this task for the socket's
-/// next readiness.
+/// Reads what `sock` has into `buf` (making room first), or registers this task for the
+/// socket's next readiness.
 ///
 /// `armed` is the relay's memory of the socket's read side: true from a poll that registered
 /// this task's waker until the socket is next seen ready. tokio takes a registered waker out
 /// only when it sets the socket's readiness, so while `armed` holds and the readiness is
 /// clear, the waker is still in place and the poll ends with one atomic load: a wake-up
 /// caused by the other socket does not register this one again (a lock, a waker comparison
-/// and the cooperative budget, twice per transaction). This relies on the relay's task being
-/// the only one that reads the socket while the relay runs.
+/// and the cooperative budget, twice per transaction). This relies on the relay being the
+/// future of its own task ([`spawn`]), so the waker is always that task's, and the only reader
+/// of its sockets while it runs.
 ///
 /// The read is one `recv` inside `try_io`, which checks tokio's readiness first and clears it
 /// when told `WouldBlock`. A read shorter than the room offered is reported that way (after
@@ -407,6 +408,8 @@ impl Pending {
 #[inline]
 fn poll_recv(sock: &TcpStream, armed: &mut bool, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<std::io::Result<usize>> {
     use std::io::ErrorKind::{Interrupted, WouldBlock};
+    // A read into no room would return 0, which means end of stream.
+    ensure_room(buf);
     loop {
         let room = buf.capacity() - buf.len();
         let mut short = None;
@@ -735,7 +738,6 @@ impl RelayState {
 
     /// Reads the client and forwards its complete messages.
     fn poll_client(&mut self, cx: &mut Context<'_>) -> Turn {
-        ensure_room(&mut self.cbuf);
         let n = ready!(poll_recv(&self.client, &mut self.client_armed, cx, &mut self.cbuf)).map_err(RelayError::Client)?;
         if n == 0 {
             return Poll::Ready(Ok(Some(RelayEnd::ClientGone)));
@@ -784,7 +786,6 @@ impl RelayState {
     /// Reads the backend and forwards what the client takes now. Returns whether the server
     /// announced it is terminating (that message is kept back).
     fn read_and_forward_backend(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, RelayError>> {
-        ensure_room(&mut self.bbuf);
         let n = ready!(poll_recv(&self.conn.stream, &mut self.backend_armed, cx, &mut self.bbuf)).map_err(RelayError::Backend)?;
         if n == 0 {
             return Poll::Ready(Err(RelayError::BackendClosed));
@@ -920,7 +921,6 @@ mod tests {
         buf.clear();
         let got = tokio::time::timeout(Duration::from_secs(10), async {
             while buf.len() < payload.len() {
-                ensure_room(&mut buf);
                 let n = poll_fn(|cx| poll_recv(&reader, &mut armed, cx, &mut buf)).await.unwrap();
                 assert!(n > 0);
             }
