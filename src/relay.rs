@@ -445,8 +445,8 @@ fn poll_recv(sock: &TcpStream, armed: &mut bool, cx: &mut Context<'_>, buf: &mut
 }
 
 /// Registers this task for `sock`'s next read readiness, noting in `armed` whether it did;
-/// `Ready` if the socket became ready meanwhile. Kept out of line so that [`poll_recv`]'s
-/// path for a ready socket stays small enough to be inlined whole.
+/// `Ready` if the socket became ready meanwhile. Out of line: [`poll_recv`] is inlined into
+/// both read paths, and what they run most is a read that finds data.
 #[inline(never)]
 fn register_read(sock: &TcpStream, armed: &mut bool, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
     // With the task's budget spent, tokio returns `Pending` without registering (it wakes
