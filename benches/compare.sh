@@ -20,6 +20,10 @@
 #                                    started before and stopped after its matrix
 #   ROUNDS=1                         samples per cell and target (cell order), or times the whole
 #                                    target sequence is repeated (target order)
+#   WARMUP=5                         cell order: seconds each target runs a cell, unrecorded, before
+#                                    its first sample (0 = none). A cell's first sample on a target
+#                                    runs on fresh pool connections and backends; without a warm-up
+#                                    it came out about 5 % low for pglifeguard and PgBouncer alike
 #   CLUSTER_DOWN=auto                stop the cluster at the end: auto = only if this script started it,
 #                                    1 = always, 0 = never
 #   PGLIFEGUARD_BIN=<repo>/target/release/pglifeguard   built with `cargo build --release` if missing
@@ -42,6 +46,7 @@ TARGETS=${TARGETS:-"direct pglifeguard pgbouncer pgpool"}
 OUT=${OUT:-/tmp/pglifeguard-bench}
 ROUNDS=${ROUNDS:-1}
 ORDER=${ORDER:-cell}
+WARMUP=${WARMUP:-5}
 CLUSTER_DOWN=${CLUSTER_DOWN:-auto}
 PGLIFEGUARD_BIN=${PGLIFEGUARD_BIN:-$REPO/target/release/pglifeguard}
 PGLIFEGUARD_PORT=${PGLIFEGUARD_PORT:-6433}
@@ -136,7 +141,7 @@ git -C "$REPO" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || git_rev="$git_
   echo "Run $(date '+%Y-%m-%d %H:%M:%S %Z') on $(hostname) ($(nproc) CPUs, load average at start: $(cut -d' ' -f1-3 /proc/loadavg))."
   echo "pglifeguard $git_rev; $("$PGBIN/postgres" --version); $( (pgbouncer --version 2>/dev/null || /usr/sbin/pgbouncer --version 2>/dev/null) | head -1); $( /usr/sbin/pgpool --version 2>&1 | head -1)."
   echo
-  echo "pgbench: workloads \`$WORKLOADS\`, protocols \`$PROTOCOLS\`, clients \`$CLIENTS\`, $DURATION s per cell, -j $JOBS, REPEAT=$REPEAT, ROUNDS=$ROUNDS, ORDER=$ORDER; targets: $TARGETS."
+  echo "pgbench: workloads \`$WORKLOADS\`, protocols \`$PROTOCOLS\`, clients \`$CLIENTS\`, $DURATION s per cell, -j $JOBS, REPEAT=$REPEAT, ROUNDS=$ROUNDS, ORDER=$ORDER, WARMUP=$WARMUP s; targets: $TARGETS."
   echo
   echo "| target | setup |"
   echo "|---|---|"
@@ -262,15 +267,25 @@ case "$ORDER" in
       done
       echo "${out[@]}"
     }
+    cell=0
     for wl in $WORKLOADS; do
       for proto in $PROTOCOLS; do
         for c in $CLIENTS; do
+          if [ "$WARMUP" != 0 ]; then
+            say "=== $wl $proto -c $c, warm-up of $WARMUP s per target (not recorded) ==="
+            for t in "${up[@]}"; do
+              CLIENTS=$c PROTOCOLS=$proto WORKLOADS=$wl DURATION=$WARMUP RESULTS=$RUN_DIR/warmup.tsv \
+                RAWDIR=$RUN_DIR/warmup-raw bench_target "$t" || failed=1
+            done
+          fi
+          # Each cell starts the design at its own round, so no target is always first.
           for round in $(seq "$ROUNDS"); do
             say "=== $wl $proto -c $c, round $round of $ROUNDS ==="
-            for t in $(order_of_round "$round"); do
+            for t in $(order_of_round $((round + cell))); do
               CLIENTS=$c PROTOCOLS=$proto WORKLOADS=$wl bench_target "$t" || failed=1
             done
           done
+          cell=$((cell + 1))
         done
       done
     done
