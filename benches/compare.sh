@@ -21,9 +21,9 @@
 #   ROUNDS=1                         samples per cell and target (cell order), or times the whole
 #                                    target sequence is repeated (target order)
 #   WARMUP=5                         cell order: seconds each target runs a cell, unrecorded, before
-#                                    its first sample (0 = none). A cell's first sample on a target
-#                                    runs on fresh pool connections and backends; without a warm-up
-#                                    it came out about 5 % low for pglifeguard and PgBouncer alike
+#                                    its first sample (0 = none). Without a warm-up, a cell's first
+#                                    sample came out about 5 % below the target's others, for
+#                                    pglifeguard and PgBouncer alike (benches/README.md)
 #   CLUSTER_DOWN=auto                stop the cluster at the end: auto = only if this script started it,
 #                                    1 = always, 0 = never
 #   PGLIFEGUARD_BIN=<repo>/target/release/pglifeguard   built with `cargo build --release` if missing
