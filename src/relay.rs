@@ -392,30 +392,26 @@ impl Pending {
 /// Reads what `sock` has into `buf` (making room first), or registers this task for the
 /// socket's next readiness.
 ///
-/// `armed` is the relay's memory of the socket's read side: true from a poll that registered
-/// this task's waker until the socket is next seen ready. tokio takes a registered waker out
-/// only when it sets the socket's readiness, so while `armed` holds and the readiness is
-/// clear, the waker is still in place and the poll ends with one atomic load: a wake-up
-/// caused by the other socket does not register this one again (a lock, a waker comparison
-/// and the cooperative budget, twice per transaction). This relies on the relay being the
-/// future of its own task ([`spawn`]), so the waker is always that task's, and the only reader
-/// of its sockets while it runs.
-///
 /// The read is one `recv` inside `try_io`, which checks tokio's readiness first and clears it
 /// when told `WouldBlock`. A read shorter than the room offered is reported that way (after
 /// keeping its bytes), as tokio's own `poll_read` does: the socket's queue was drained, the
 /// next packet is a new event, and the `recv` that would only say so is saved.
+///
+/// Whenever nothing was read, the task registers again through `poll_read_ready`, even if it
+/// registered on an earlier poll. Skipping that (remembering "already registered") loses
+/// wake-ups: the I/O driver sets a socket's readiness and takes its waker in two steps, so a
+/// poll that reads the data and registers between them has its fresh registration taken by
+/// the driver, and the next packet then finds no waker. That hung a session with its request
+/// unread in the socket (seen under CPU contention, once per few hundred pgbench runs).
 #[inline]
-fn poll_recv(sock: &TcpStream, armed: &mut bool, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<std::io::Result<usize>> {
+fn poll_recv(sock: &TcpStream, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<std::io::Result<usize>> {
     use std::io::ErrorKind::{Interrupted, WouldBlock};
     // A read into no room would return 0, which means end of stream.
     ensure_room(buf);
     loop {
         let room = buf.capacity() - buf.len();
         let mut short = None;
-        let mut seen_ready = false;
         let result = sock.try_io(tokio::io::Interest::READABLE, || {
-            seen_ready = true;
             let n = socket2::SockRef::from(sock).recv(buf.spare_capacity_mut())?;
             if n > 0 && n < room {
                 short = Some(n);
@@ -423,38 +419,21 @@ fn poll_recv(sock: &TcpStream, armed: &mut bool, cx: &mut Context<'_>, buf: &mut
             }
             Ok(n)
         });
-        if !seen_ready {
-            // tokio's readiness is clear: nothing was read.
-            if *armed {
-                return Poll::Pending;
-            }
-            ready!(register_read(sock, armed, cx))?;
-            continue;
-        }
-        *armed = false;
         let n = match (result, short) {
             (_, Some(n)) | (Ok(n), None) => n,
-            // Readiness without data (a stale event): tokio has cleared it; register.
-            (Err(e), None) if matches!(e.kind(), WouldBlock | Interrupted) => continue,
+            // Nothing to read (tokio's readiness was clear, or is now): register, or read
+            // again if the socket became ready meanwhile.
+            (Err(e), None) if e.kind() == WouldBlock => {
+                ready!(sock.poll_read_ready(cx))?;
+                continue;
+            }
+            (Err(e), None) if e.kind() == Interrupted => continue,
             (Err(e), None) => return Poll::Ready(Err(e)),
         };
         // SAFETY: `recv` initialised the first `n` bytes of the spare room it was given.
         unsafe { buf.set_len(buf.len() + n) };
         return Poll::Ready(Ok(n));
     }
-}
-
-/// Registers this task for `sock`'s next read readiness, noting in `armed` whether it did;
-/// `Ready` if the socket became ready meanwhile. Out of line: [`poll_recv`] is inlined into
-/// both read paths, and what they run most is a read that finds data.
-#[inline(never)]
-fn register_read(sock: &TcpStream, armed: &mut bool, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-    // With the task's budget spent, tokio returns `Pending` without registering (it wakes
-    // the task to poll again instead): the socket is not armed then.
-    let registers = tokio::task::coop::has_budget_remaining();
-    let ready = sock.poll_read_ready(cx);
-    *armed = ready.is_pending() && registers;
-    ready
 }
 
 /// Writes `data[*written..]` to `sock` as room appears, advancing `written`.
@@ -576,10 +555,6 @@ struct RelayState {
     draining: bool,
     /// The shutdown future has registered this task's waker.
     registered: bool,
-    /// This task's waker is registered for the client's readiness ([`poll_recv`]).
-    client_armed: bool,
-    /// This task's waker is registered for the backend's readiness ([`poll_recv`]).
-    backend_armed: bool,
     // Second line: the buffers.
     _line1: LineStart,
     cbuf: BytesMut,
@@ -623,8 +598,6 @@ impl Relay {
                 started: false,
                 draining: false,
                 registered: false,
-                client_armed: false,
-                backend_armed: false,
                 _line1: LineStart,
                 cbuf,
                 bbuf: BytesMut::with_capacity(READ_CHUNK),
@@ -738,7 +711,7 @@ impl RelayState {
 
     /// Reads the client and forwards its complete messages.
     fn poll_client(&mut self, cx: &mut Context<'_>) -> Turn {
-        let n = ready!(poll_recv(&self.client, &mut self.client_armed, cx, &mut self.cbuf)).map_err(RelayError::Client)?;
+        let n = ready!(poll_recv(&self.client, cx, &mut self.cbuf)).map_err(RelayError::Client)?;
         if n == 0 {
             return Poll::Ready(Ok(Some(RelayEnd::ClientGone)));
         }
@@ -786,7 +759,7 @@ impl RelayState {
     /// Reads the backend and forwards what the client takes now. Returns whether the server
     /// announced it is terminating (that message is kept back).
     fn read_and_forward_backend(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, RelayError>> {
-        let n = ready!(poll_recv(&self.conn.stream, &mut self.backend_armed, cx, &mut self.bbuf)).map_err(RelayError::Backend)?;
+        let n = ready!(poll_recv(&self.conn.stream, cx, &mut self.bbuf)).map_err(RelayError::Backend)?;
         if n == 0 {
             return Poll::Ready(Err(RelayError::BackendClosed));
         }
@@ -879,40 +852,50 @@ mod tests {
         assert_eq!(offset_of!(BackendConn, stream), 0);
     }
 
-    /// A socket `poll_recv` left armed is skipped without being asked again, so the waker it
-    /// registered must be what brings the task back when data arrives; and a read that fills
-    /// the room offered must not be taken for a drained socket.
+    /// A waker that counts its wake-ups.
+    struct Counter(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Every `Pending` from `poll_recv` leaves the waker of that poll registered, even when an
+    /// earlier poll registered one already (remembering that registration instead lost
+    /// wake-ups: the driver can take a waker after its readiness was consumed). And a read
+    /// that fills the room offered is not taken for a drained socket.
     #[tokio::test]
-    async fn armed_socket_wakes_its_reader_and_full_reads_keep_reading() {
-        use std::future::poll_fn;
+    async fn every_pending_read_registers_and_full_reads_keep_reading() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         use std::time::Duration;
         use tokio::io::AsyncWriteExt;
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut writer = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (reader, _) = listener.accept().await.unwrap();
-        let mut armed = false;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
 
-        // Nothing to read: the poll registers and remembers it; polling again stays pending.
-        poll_fn(|cx| {
-            assert!(poll_recv(&reader, &mut armed, cx, &mut buf).is_pending());
-            assert!(armed);
-            assert!(poll_recv(&reader, &mut armed, cx, &mut buf).is_pending());
-            Poll::Ready(())
-        })
-        .await;
+        // Nothing to read: a first poll registers one waker, a second poll another.
+        let first = Arc::new(Counter(AtomicUsize::new(0)));
+        let second = Arc::new(Counter(AtomicUsize::new(0)));
+        for counter in [&first, &second] {
+            let waker = std::task::Waker::from(Arc::clone(counter));
+            // Accepted sockets start out readable: the first poll clears that and registers.
+            assert!(poll_recv(&reader, &mut Context::from_waker(&waker), &mut buf).is_pending());
+        }
 
-        // Data arrives: the waker registered above, this task's, brings it back, and the
-        // armed socket is read. (The relay's task is always the one that polls its sockets.)
-        let sending = tokio::spawn(async move { writer.write_all(b"hello").await.map(|()| writer) });
-        let n = tokio::time::timeout(Duration::from_secs(10), poll_fn(|cx| poll_recv(&reader, &mut armed, cx, &mut buf)))
-            .await
-            .expect("the armed socket's waker fired")
-            .unwrap();
-        assert_eq!((n, &buf[..]), (5, &b"hello"[..]));
-        assert!(!armed, "a read disarms");
-        let mut writer = sending.await.unwrap().unwrap();
+        // Data arrives: the waker of the latest poll is the one woken.
+        writer.write_all(b"hello").await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while second.0.load(SeqCst) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the latest poll's waker was not woken");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let waker = std::task::Waker::from(Arc::clone(&second));
+        let read = poll_recv(&reader, &mut Context::from_waker(&waker), &mut buf);
+        assert!(matches!(read, Poll::Ready(Ok(5))), "{read:?}");
+        assert_eq!(&buf[..], b"hello");
 
         // More than the room offered, all of it already queued on the socket: reads that fill
         // their room must not be taken for a drained socket, or no new event would come for
@@ -925,7 +908,7 @@ mod tests {
         buf = BytesMut::with_capacity(READ_CHUNK);
         let got = tokio::time::timeout(Duration::from_secs(10), async {
             while buf.len() < payload.len() {
-                let n = poll_fn(|cx| poll_recv(&reader, &mut armed, cx, &mut buf)).await.unwrap();
+                let n = std::future::poll_fn(|cx| poll_recv(&reader, cx, &mut buf)).await.unwrap();
                 assert!(n > 0);
             }
             buf

@@ -46,6 +46,7 @@ impl Env {
     }
 
     pub async fn start(setup: Setup) -> Env {
+        start_suite_watchdog();
         // RUST_LOG=debug shows the proxy's side of a failure next to the test's.
         if std::env::var_os("RUST_LOG").is_some() {
             let _ = tracing_subscriber::fmt()
@@ -115,6 +116,26 @@ fn config_text(cluster: &LocalCluster, setup: &Setup) -> String {
         if setup.pool.contains("checkout_timeout") { setup.pool.to_owned() } else { format!("  checkout_timeout: 60s\n{}", setup.pool) },
         setup.failover
     )
+}
+
+/// How long the whole integration suite may run (it takes a few minutes) before the process
+/// is ended.
+const SUITE_LIMIT: Duration = Duration::from_secs(15 * 60);
+
+/// Ends the test process once the suite has run for [`SUITE_LIMIT`]: a test stuck for ever
+/// (a lost wake-up in the proxy leaves a client waiting without end) then fails the run with
+/// a message, instead of holding CI until its own time limit. Started by the first test that
+/// sets up a cluster; the servers of every test die with the process (their spawner asks for
+/// a death signal).
+pub fn start_suite_watchdog() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        std::thread::spawn(|| {
+            std::thread::sleep(SUITE_LIMIT);
+            eprintln!("integration suite still running after {SUITE_LIMIT:?}: a test is stuck; aborting the run");
+            std::process::abort();
+        });
+    });
 }
 
 /// Connects with tokio-postgres and drives the connection in the background.

@@ -2,15 +2,21 @@
 
 use crate::common::{pg_tool, Env, Setup};
 
+/// Runs pgbench through the proxy. A run that does not end within two minutes (it takes
+/// seconds) fails the test instead of hanging the suite: a session stuck in the proxy
+/// keeps pgbench waiting for ever.
 async fn pgbench(env: &Env, args: &[&str]) -> String {
-    let out = tokio::process::Command::new(pg_tool("pgbench"))
+    let run = tokio::process::Command::new(pg_tool("pgbench"))
         .args(["-h", "127.0.0.1", "-U", "postgres"])
         .arg("-p")
         .arg(env.port().to_string())
         .args(args)
         .arg("postgres")
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(120), run)
         .await
+        .unwrap_or_else(|_| panic!("pgbench {args:?} still running after 120 s: a session is stuck in the proxy"))
         .expect("run pgbench");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");

@@ -164,6 +164,7 @@ async fn agreed_leader(peers: &[&Peer], timeout: Duration) -> Option<(u64, u64)>
 }
 
 fn cluster(standbys: usize) -> LocalCluster {
+    crate::common::start_suite_watchdog();
     LocalCluster::start(&ClusterOptions { standbys, synchronous: standbys > 0, ..Default::default() }).expect("cluster")
 }
 
