@@ -402,7 +402,7 @@ impl Pending {
 /// wake-ups: the I/O driver sets a socket's readiness and takes its waker in two steps, so a
 /// poll that reads the data and registers between them has its fresh registration taken by
 /// the driver, and the next packet then finds no waker. That hung a session with its request
-/// unread in the socket (seen under CPU contention, once per few hundred pgbench runs).
+/// unread in the socket (under CPU contention, within a few dozen pgbench runs).
 #[inline]
 fn poll_recv(sock: &TcpStream, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<std::io::Result<usize>> {
     use std::io::ErrorKind::{Interrupted, WouldBlock};
