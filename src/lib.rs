@@ -36,5 +36,7 @@ pub mod scram;
 pub mod server;
 pub mod startup;
 pub mod status_file;
+#[cfg(test)]
+mod test_support;
 pub mod vip;
 pub mod watchdog;

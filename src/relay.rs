@@ -887,11 +887,8 @@ mod tests {
 
         // Data arrives: the waker of the latest poll is the one woken.
         writer.write_all(b"hello").await.unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while second.0.load(SeqCst) == 0 {
-            assert!(tokio::time::Instant::now() < deadline, "the latest poll's waker was not woken");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let woken = || second.0.load(SeqCst) > 0;
+        crate::test_support::wait_until("the latest poll's waker to be woken", Duration::from_secs(10), Duration::from_millis(5), woken).await;
         let waker = std::task::Waker::from(Arc::clone(&second));
         let read = poll_recv(&reader, &mut Context::from_waker(&waker), &mut buf);
         assert!(matches!(read, Poll::Ready(Ok(5))), "{read:?}");

@@ -142,15 +142,8 @@ impl TestCluster {
 }
 
 /// Polls `cond` every 20 ms until it holds; panics after [`WAIT`].
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if cond() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    crate::test_support::wait_until(what, WAIT, Duration::from_millis(20), cond).await
 }
 
 fn set_primary(p: &str) -> Command {
