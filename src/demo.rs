@@ -131,9 +131,13 @@ async fn run_peers(port: u16, peers: usize, cluster: &LocalCluster, base: PathBu
             return ExitCode::FAILURE;
         }
     };
-    let raft_ports: Vec<u16> = (0..peers)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0))
-        .collect();
+    let raft_ports = match (0..peers).map(|_| crate::localcluster::free_port()).collect::<Result<Vec<u16>, _>>() {
+        Ok(ports) => ports,
+        Err(e) => {
+            eprintln!("cannot find free ports for the watchdog peers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut proxies = Vec::new();
     for i in 0..peers {
         let id = i as u64 + 1;

@@ -10,8 +10,9 @@ use pglifeguard::localcluster::{ClusterOptions, LocalCluster};
 
 use crate::common::{connect, pg_tool, wait_until};
 
+/// A port for a peer process to bind; never one handed to another test of this process.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    pglifeguard::localcluster::free_port().expect("free port")
 }
 
 /// One voter: a proxy (`run`) or a witness, as a child process stopped by PID on drop.
@@ -133,6 +134,12 @@ impl Peers {
         std::fs::read_to_string(self.dir.path().join(format!("peer{id}.log"))).unwrap_or_default()
     }
 
+    /// Every voter's log, headed by its id: when no leader emerges, the peer that is missing
+    /// (one that could not start, say) is the one to read.
+    fn logs(&self) -> String {
+        self.raft_ports.iter().map(|(id, _, _)| format!("--- peer {id} ---\n{}", self.log(*id))).collect()
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -174,7 +181,7 @@ async fn three_peers_elect_one_leader_and_replace_it_when_it_dies() {
     let peers = Peers::new(&[(1, false), (2, false), (3, false)]);
     let mut procs: Vec<Peer> = (1..=3).map(|id| peers.proxy(id, &cluster, "")).collect();
     let all: Vec<&Peer> = procs.iter().collect();
-    let (leader, term) = agreed_leader(&all, Duration::from_secs(30)).await.unwrap_or_else(|| panic!("no leader:\n{}", peers.log(1)));
+    let (leader, term) = agreed_leader(&all, Duration::from_secs(30)).await.unwrap_or_else(|| panic!("no leader:\n{}", peers.logs()));
     for p in &procs {
         let agreed = wait_until(Duration::from_secs(10), || async { p.watchdog().await.contains("agreed primary\tnode0") }).await;
         assert!(agreed, "peer {} knows the agreed primary: {}", p.id, p.watchdog().await);
@@ -203,7 +210,7 @@ async fn two_proxies_and_a_witness_keep_a_leader() {
     let _witness = peers.witness(3);
     let mut procs: Vec<Peer> = (1..=2).map(|id| peers.proxy(id, &cluster, "")).collect();
     let all: Vec<&Peer> = procs.iter().collect();
-    let (leader, _) = agreed_leader(&all, Duration::from_secs(30)).await.unwrap_or_else(|| panic!("no leader:\n{}", peers.log(1)));
+    let (leader, _) = agreed_leader(&all, Duration::from_secs(30)).await.unwrap_or_else(|| panic!("no leader:\n{}", peers.logs()));
     assert!(leader == 1 || leader == 2, "the witness never leads");
     let victim = procs.iter().position(|p| p.id == leader).expect("leader");
     let mut dead = procs.remove(victim);
@@ -244,7 +251,7 @@ async fn failover_needs_a_quorum_of_peers_and_runs_the_hook_once() {
         peers.proxy_checking(3, &cluster, &hooks, "no_such_database"),
     ];
     let all: Vec<&Peer> = procs.iter().collect();
-    let (leader, _) = agreed_leader(&all, Duration::from_secs(30)).await.unwrap_or_else(|| panic!("no leader:\n{}", peers.log(1)));
+    let (leader, _) = agreed_leader(&all, Duration::from_secs(30)).await.unwrap_or_else(|| panic!("no leader:\n{}", peers.logs()));
     let leader_peer = procs.iter().find(|p| p.id == leader).expect("leader");
     let reported = wait_until(Duration::from_secs(15), || async {
         leader_peer.watchdog().await.lines().any(|l| l.starts_with("failure reports\tnode0\t") && l.ends_with("3"))
