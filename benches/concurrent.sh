@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# concurrent.sh -- pglifeguard and PgBouncer measured at the same time, not one after the other.
+#
+# compare.sh runs each cell on one proxy, then on the other: a sample's machine conditions
+# (other tenants, the kernel's caches, autovacuum) differ from its partner's by the seconds
+# between them, and on a shared machine that moves a row by 5-10 %. Here each round starts two
+# pgbench processes together, the same cell, one through each proxy, for the same DURATION:
+# both proxies serve their clients in the same seconds, against the same cluster, and what
+# the machine does to one it does to the other. Per sample: TPS from pgbench and the proxy's
+# on-CPU time per transaction from /proc/PID/task/*/schedstat (nanoseconds, user + system;
+# /proc/PID/stat's clock ticks are 10 ms, 1-2 % of a 10 s sample's CPU).
+#
+# What it does not show: how each proxy does alone. Both share the two cores, so absolute TPS
+# is lower than in compare.sh; the ratio is the figure. A proxy that needs less CPU per
+# transaction answers sooner, so its closed-loop pgbench completes more transactions.
+#
+# The results file has compare.sh's columns (those benches/paired.py reads), so
+#   python3 benches/paired.py $OUT/latest/results.tsv
+# prints the per-row paired ratios with their intervals; the script prints that at the end.
+#
+# Needs the shared cluster up ($SHARED_BENCH/cluster.sh up), PgBouncer installed, root.
+# Usage: ROUNDS=6 DURATION=10 benches/concurrent.sh
+#
+# Environment (defaults):
+#   CLIENTS="1 8 32"  PROTOCOLS="simple prepared"  WORKLOADS="select tpcb"  (per proxy)
+#   DURATION=10 ROUNDS=6 WARMUP=3 (seconds, unrecorded, per cell)  JOBS=2
+#   PGLIFEGUARD_BIN=<repo>/target/release/pglifeguard (copied: a rebuild cannot swap it mid-run)
+#   PGLIFEGUARD_PORT=6450 PGLIFEGUARD_POOL_SIZE=40 PGLIFEGUARD_WORKERS=1 (POOL_SIZE for PgBouncer
+#   follows PGLIFEGUARD_POOL_SIZE)  OUT=/tmp/pglifeguard-concurrent  PGBIN=/usr/lib/postgresql/15/bin
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SHARED_BENCH=${SHARED_BENCH:-$REPO/../shared/bench}
+CLIENTS=${CLIENTS:-"1 8 32"} PROTOCOLS=${PROTOCOLS:-"simple prepared"} WORKLOADS=${WORKLOADS:-"select tpcb"}
+DURATION=${DURATION:-10} ROUNDS=${ROUNDS:-6} WARMUP=${WARMUP:-3} JOBS=${JOBS:-2}
+PGLIFEGUARD_BIN=${PGLIFEGUARD_BIN:-$REPO/target/release/pglifeguard}
+PGLIFEGUARD_PORT=${PGLIFEGUARD_PORT:-6450} PGLIFEGUARD_METRICS_PORT=${PGLIFEGUARD_METRICS_PORT:-6550}
+PGLIFEGUARD_POOL_SIZE=${PGLIFEGUARD_POOL_SIZE:-40} PGLIFEGUARD_WORKERS=${PGLIFEGUARD_WORKERS:-1}
+OUT=${OUT:-/tmp/pglifeguard-concurrent} PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+PRIMARY_PORT=55432 STANDBY_PORTS="55433 55434" PGBOUNCER_PORT=6432   # fixed by the shared scripts
+export BL=${BL:-/tmp/bl}
+export POOL_SIZE=${POOL_SIZE:-$PGLIFEGUARD_POOL_SIZE}
+source "$REPO/benches/lib.sh"
+
+[ "$(id -u)" = 0 ] || { say "run as root (the shared scripts start servers as the postgres user)"; exit 2; }
+[ -x "$PGLIFEGUARD_BIN" ] || { say "$PGLIFEGUARD_BIN not found (cargo build --release)"; exit 2; }
+command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || { say "pgbouncer not installed"; exit 2; }
+"$PGBIN/psql" -X -q -A -t -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres -d bench -c 'select 1' >/dev/null 2>&1 \
+  || { say "the shared cluster is not up: $SHARED_BENCH/cluster.sh up"; exit 2; }
+
+RUN_DIR=$OUT/$(date '+%Y%m%d-%H%M%S')
+mkdir -p "$RUN_DIR/raw"
+ln -sfn "$RUN_DIR" "$OUT/latest"
+cp "$PGLIFEGUARD_BIN" "$RUN_DIR/pglifeguard"
+PGLIFEGUARD_BIN=$RUN_DIR/pglifeguard
+RESULTS=$RUN_DIR/results.tsv
+
+LG_PID="" PB_UP=0
+cleanup() {
+  local rc=$?
+  stop_pglifeguard
+  [ "$PB_UP" = 1 ] && { "$SHARED_BENCH/pgbouncer.sh" down >/dev/null 2>&1 || true; }
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+start_pglifeguard "$RUN_DIR" || exit 1
+"$SHARED_BENCH/pgbouncer.sh" up session >/dev/null || { say "pgbouncer.sh up session failed"; exit 1; }
+PB_UP=1
+PB_PID=$(cat "$BL/pgbouncer/pgbouncer.pid")
+git_rev=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+say "pglifeguard $git_rev pid $LG_PID on $PGLIFEGUARD_PORT, PgBouncer pid $PB_PID on $PGBOUNCER_PORT; results in $RUN_DIR"
+
+# On-CPU nanoseconds of every thread of a process (first field of schedstat).
+cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{ s += $1 } END { printf "%.0f", s }'; }
+
+# Runs one cell on both proxies at once; $5 = file prefix, $6 = which one starts first (0/1).
+# Prints "tps txns cpu_ns" for pglifeguard, then for PgBouncer.
+together() { # $1 = workload flag, $2 = protocol, $3 = clients, $4 = seconds, $5 = prefix, $6 = first
+  local wflag=$1 proto=$2 c=$3 secs=$4 prefix=$5 first=$6 j ports names i pids=()
+  j=$(( c < JOBS ? c : JOBS ))
+  ports=("$PGLIFEGUARD_PORT" "$PGBOUNCER_PORT") names=(pglifeguard pgbouncer)
+  [ "$first" = 1 ] && ports=("$PGBOUNCER_PORT" "$PGLIFEGUARD_PORT") names=(pgbouncer pglifeguard)
+  local l0 b0 l1 b1
+  l0=$(cpu_ns "$LG_PID") b0=$(cpu_ns "$PB_PID")
+  for i in 0 1; do
+    # shellcheck disable=SC2086 # an empty workload flag means the builtin tpcb-like script
+    "$PGBIN/pgbench" -n $wflag -M "$proto" -c "$c" -j "$j" -T "$secs" -h 127.0.0.1 -p "${ports[$i]}" \
+      -U postgres bench > "$prefix.${names[$i]}" 2>&1 &
+    pids+=($!)
+  done
+  local rc=0
+  for i in 0 1; do wait "${pids[$i]}" || rc=1; done
+  l1=$(cpu_ns "$LG_PID") b1=$(cpu_ns "$PB_PID")
+  [ "$rc" = 0 ] || return 1
+  for n in pglifeguard pgbouncer; do
+    local f=$prefix.$n tps txns
+    tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$f")
+    txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$f")
+    [ -n "$txns" ] && [ "$txns" -gt 0 ] || return 1
+    if [ "$n" = pglifeguard ]; then echo "$tps $txns $(( l1 - l0 ))"; else echo "$tps $txns $(( b1 - b0 ))"; fi
+  done
+}
+
+printf 'ts\ttarget\tworkload\tprotocol\tclients\tround\tduration_s\ttps\ttxns\tproxy_cpu_s\tproxy_cpu_s_per_1k_txn\tstatus\n' > "$RESULTS"
+failed=0 cell=0
+for wl in $WORKLOADS; do
+  case "$wl" in select) wflag=-S ;; tpcb) wflag= ;; *) say "unknown workload $wl"; exit 2 ;; esac
+  for proto in $PROTOCOLS; do
+    for c in $CLIENTS; do
+      [ "$WARMUP" = 0 ] || together "$wflag" "$proto" "$c" "$WARMUP" "$RUN_DIR/raw/warmup" 0 >/dev/null || true
+      for round in $(seq "$ROUNDS"); do
+        first=$(( (round + cell) % 2 ))
+        prefix=$RUN_DIR/raw/$wl-$proto-$c-$round
+        if ! out=$(together "$wflag" "$proto" "$c" "$DURATION" "$prefix" "$first"); then
+          say "$wl $proto -c $c round $round: a pgbench failed (see $prefix.*)"; failed=1; continue
+        fi
+        ts=$(date '+%Y-%m-%d %H:%M:%S')
+        paste <(printf 'pglifeguard\npgbouncer-session\n') <(echo "$out") | while read -r target tps txns ns; do
+          awk -v OFS='\t' -v ts="$ts" -v t="$target" -v wl="$wl" -v p="$proto" -v c="$c" -v r="$round" \
+            -v d="$DURATION" -v tps="$tps" -v n="$txns" -v ns="$ns" \
+            'BEGIN { print ts, t, wl, p, c, r, d, tps, n, sprintf("%.3f", ns / 1e9), sprintf("%.5f", ns / 1e9 / n * 1000), "ok" }'
+        done >> "$RESULTS"
+        say "$wl $proto -c $c round $round: $(tail -2 "$RESULTS" | awk -F'\t' '{ printf "%s %s TPS %s CPU s/1k  ", $2, $8, $11 }')"
+      done
+      cell=$((cell + 1))
+    done
+  done
+done
+
+{
+  echo "# pglifeguard and PgBouncer at the same time"
+  echo
+  echo "Run $(date '+%Y-%m-%d %H:%M:%S %Z') on $(hostname) ($(nproc) CPUs), pglifeguard $git_rev (worker_threads $PGLIFEGUARD_WORKERS," \
+       "pool_size $PGLIFEGUARD_POOL_SIZE), $( (pgbouncer --version 2>/dev/null || /usr/sbin/pgbouncer --version) | head -1)" \
+       "(session, default_pool_size $POOL_SIZE); $ROUNDS rounds of $DURATION s per cell, both proxies loaded at once."
+  echo
+  python3 "$REPO/benches/paired.py" "$RESULTS"
+} > "$RUN_DIR/report.md"
+cat "$RUN_DIR/report.md"
+exit "$failed"
