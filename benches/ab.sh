@@ -62,7 +62,7 @@ fi
 
 # CPU ticks (utime + stime) and context switches of all threads of a process.
 cpu_ticks() { cat /proc/"$1"/task/*/stat | awk '{ s += $14 + $15 } END { print s }'; }
-switches() { cat /proc/"$1"/task/*/status | awk '/ctxt_switches/ { s += $2 } END { print s }'; }
+switches() { proc_switches "$1" | awk '{ print $1 + $2 }'; }
 jobs=$(( CLIENTS < 2 ? 1 : 2 ))
 pgbench() { "$PGBIN/pgbench" -n $wflag -M "$MODE" -c "$CLIENTS" -j "$jobs" -T "$1" -h 127.0.0.1 -p "$2" -U postgres bench 2>&1; }
 
@@ -75,8 +75,7 @@ for r in $(seq "$ROUNDS"); do
     c0=$(cpu_ticks "$pid") s0=$(switches "$pid")
     out=$(pgbench "$DURATION" "${PORTS[$i]}")
     c1=$(cpu_ticks "$pid") s1=$(switches "$pid")
-    tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out")
-    txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
+    read -r tps txns <<<"$(pgbench_result <<<"$out")"
     [ -n "$txns" ] && [ "$txns" -gt 0 ] || { say "pgbench against ${NAMES[$i]} failed:"; echo "$out" >&2; exit 1; }
     awk -v r="$r" -v t="${NAMES[$i]}" -v tps="$tps" -v c=$(( c1 - c0 )) -v s=$(( s1 - s0 )) -v n="$txns" -v hz="$hz" \
       'BEGIN { printf "%s\t%s\t%.0f\t%.2f\t%.3f\n", r, t, tps, c * 1e6 / hz / n, s / n }' | tee -a "$OUT/samples.tsv"

@@ -75,43 +75,35 @@ say "pglifeguard $git_rev pid $LG_PID on $PGLIFEGUARD_PORT, PgBouncer pid $PB_PI
 
 # On-CPU nanoseconds of every thread of a process (first field of schedstat), then its
 # voluntary and involuntary context switches: "ns vol invol".
-cpu_ns() {
-  local ns sw
-  ns=$(cat /proc/"$1"/task/*/schedstat | awk '{ s += $1 } END { printf "%.0f", s }')
-  sw=$(cat /proc/"$1"/task/*/status | awk '/^voluntary_ctxt_switches/ { v += $2 } /^nonvoluntary_ctxt_switches/ { i += $2 } END { print v, i }')
-  echo "$ns $sw"
+proc_counters() {
+  echo "$(cat /proc/"$1"/task/*/schedstat | awk '{ s += $1 } END { printf "%.0f", s }') $(proc_switches "$1")"
 }
 
-# Runs one cell on both proxies at once; $5 = file prefix, $6 = which one starts first (0/1).
-# Prints "tps txns cpu_ns voluntary_switches involuntary_switches" for pglifeguard, then for
-# PgBouncer.
-together() { # $1 = workload flag, $2 = protocol, $3 = clients, $4 = seconds, $5 = prefix, $6 = first
-  local wflag=$1 proto=$2 c=$3 secs=$4 prefix=$5 first=$6 j ports names i pids=()
+# Runs one cell on both proxies at once, the one named $6 started first. Prints a line per
+# proxy: "target tps txns cpu_ns voluntary_switches involuntary_switches", with the target
+# named as in compare.sh's results.
+together() { # $1 = workload flag, $2 = protocol, $3 = clients, $4 = seconds, $5 = file prefix, $6 = first
+  local wflag=$1 proto=$2 c=$3 secs=$4 prefix=$5 first=$6 j n order pids=() rc=0
+  local -A pid=([pglifeguard]=$LG_PID [pgbouncer]=$PB_PID) port=([pglifeguard]=$PGLIFEGUARD_PORT [pgbouncer]=$PGBOUNCER_PORT)
+  local -A target=([pglifeguard]=pglifeguard [pgbouncer]=pgbouncer-session) before after
   j=$(( c < JOBS ? c : JOBS ))
-  ports=("$PGLIFEGUARD_PORT" "$PGBOUNCER_PORT") names=(pglifeguard pgbouncer)
-  [ "$first" = 1 ] && ports=("$PGBOUNCER_PORT" "$PGLIFEGUARD_PORT") names=(pgbouncer pglifeguard)
-  local l0 b0 l1 b1
-  read -ra l0 <<<"$(cpu_ns "$LG_PID")"; read -ra b0 <<<"$(cpu_ns "$PB_PID")"
-  for i in 0 1; do
+  order="pglifeguard pgbouncer"; [ "$first" = pgbouncer ] && order="pgbouncer pglifeguard"
+  for n in pglifeguard pgbouncer; do before[$n]=$(proc_counters "${pid[$n]}"); done
+  for n in $order; do
     # shellcheck disable=SC2086 # an empty workload flag means the builtin tpcb-like script
-    "$PGBIN/pgbench" -n $wflag -M "$proto" -c "$c" -j "$j" -T "$secs" -h 127.0.0.1 -p "${ports[$i]}" \
-      -U postgres bench > "$prefix.${names[$i]}" 2>&1 &
+    "$PGBIN/pgbench" -n $wflag -M "$proto" -c "$c" -j "$j" -T "$secs" -h 127.0.0.1 -p "${port[$n]}" \
+      -U postgres bench > "$prefix.$n" 2>&1 &
     pids+=($!)
   done
-  local rc=0
-  for i in 0 1; do wait "${pids[$i]}" || rc=1; done
-  read -ra l1 <<<"$(cpu_ns "$LG_PID")"; read -ra b1 <<<"$(cpu_ns "$PB_PID")"
+  for i in "${pids[@]}"; do wait "$i" || rc=1; done
+  for n in pglifeguard pgbouncer; do after[$n]=$(proc_counters "${pid[$n]}"); done
   [ "$rc" = 0 ] || return 1
   for n in pglifeguard pgbouncer; do
-    local f=$prefix.$n tps txns
-    tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$f")
-    txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$f")
-    [ -n "$txns" ] && [ "$txns" -gt 0 ] || return 1
-    if [ "$n" = pglifeguard ]; then
-      echo "$tps $txns $(( l1[0] - l0[0] )) $(( l1[1] - l0[1] )) $(( l1[2] - l0[2] ))"
-    else
-      echo "$tps $txns $(( b1[0] - b0[0] )) $(( b1[1] - b0[1] )) $(( b1[2] - b0[2] ))"
-    fi
+    local result b a
+    result=$(pgbench_result < "$prefix.$n")
+    [ -n "$result" ] && [ "${result#* }" -gt 0 ] || return 1
+    read -ra b <<<"${before[$n]}"; read -ra a <<<"${after[$n]}"
+    echo "${target[$n]} $result $(( a[0] - b[0] )) $(( a[1] - b[1] )) $(( a[2] - b[2] ))"
   done
 }
 
@@ -121,20 +113,20 @@ for wl in $WORKLOADS; do
   case "$wl" in select) wflag=-S ;; tpcb) wflag= ;; *) say "unknown workload $wl"; exit 2 ;; esac
   for proto in $PROTOCOLS; do
     for c in $CLIENTS; do
-      [ "$WARMUP" = 0 ] || together "$wflag" "$proto" "$c" "$WARMUP" "$RUN_DIR/raw/warmup" 0 >/dev/null || true
+      [ "$WARMUP" = 0 ] || together "$wflag" "$proto" "$c" "$WARMUP" "$RUN_DIR/raw/warmup" pglifeguard >/dev/null || true
       for round in $(seq "$ROUNDS"); do
-        first=$(( (round + cell) % 2 ))
+        first=pglifeguard; [ $(( (round + cell) % 2 )) = 1 ] && first=pgbouncer
         prefix=$RUN_DIR/raw/$wl-$proto-$c-$round
         if ! out=$(together "$wflag" "$proto" "$c" "$DURATION" "$prefix" "$first"); then
           say "$wl $proto -c $c round $round: a pgbench failed (see $prefix.*)"; failed=1; continue
         fi
         ts=$(date '+%Y-%m-%d %H:%M:%S')
-        paste <(printf 'pglifeguard\npgbouncer-session\n') <(echo "$out") | while read -r target tps txns ns vol invol; do
+        while read -r target tps txns ns vol invol; do
           awk -v OFS='\t' -v ts="$ts" -v t="$target" -v wl="$wl" -v p="$proto" -v c="$c" -v r="$round" \
             -v d="$DURATION" -v tps="$tps" -v n="$txns" -v ns="$ns" -v vol="$vol" -v invol="$invol" \
             'BEGIN { print ts, t, wl, p, c, r, d, tps, n, sprintf("%.3f", ns / 1e9), sprintf("%.5f", ns / 1e9 / n * 1000), "ok",
                     sprintf("%.4f", vol / n), sprintf("%.4f", invol / n) }'
-        done >> "$RESULTS"
+        done <<<"$out" >> "$RESULTS"
         say "$wl $proto -c $c round $round: $(tail -2 "$RESULTS" | awk -F'\t' '{ printf "%s %s TPS %s CPU s/1k %s+%s switches/txn  ", $2, $8, $11, $13, $14 }')"
       done
       cell=$((cell + 1))

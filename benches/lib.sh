@@ -66,3 +66,15 @@ start_pglifeguard() { # $1 = directory for its config and log
   done
   say "pglifeguard up on $PGLIFEGUARD_PORT, pid $LG_PID"
 }
+
+# TPS and number of transactions from pgbench output on stdin: "tps txns" (empty when
+# pgbench printed no summary).
+pgbench_result() {
+  awk '/^tps = / { tps = $3 } /^number of transactions actually processed: / { split($6, n, "/"); txns = n[1] }
+       END { if (txns != "") print tps, txns }'
+}
+
+# Voluntary and involuntary context switches of all threads of process $1: "vol invol".
+proc_switches() {
+  cat /proc/"$1"/task/*/status | awk '/^voluntary_ctxt_switches/ { v += $2 } /^nonvoluntary_ctxt_switches/ { i += $2 } END { print v, i }'
+}

@@ -50,7 +50,7 @@ per_client=$(( TXNS / CLIENTS ))
 total=$(( per_client * CLIENTS ))
 run_pgbench() { # $1 = port
   "$PGBIN/pgbench" -n $wflag -M "$MODE" -c "$CLIENTS" -j $(( CLIENTS < 2 ? 1 : 2 )) -t "$per_client" \
-    -h 127.0.0.1 -p "$1" -U postgres bench 2>&1 | sed -n 's/^tps = \([0-9.]*\) .*/\1/p'
+    -h 127.0.0.1 -p "$1" -U postgres bench 2>&1 | pgbench_result | cut -d' ' -f1
 }
 # Warm both pools so no backend is opened inside a measurement.
 run_pgbench $LG_PORT >/dev/null; run_pgbench $PB_PORT >/dev/null
