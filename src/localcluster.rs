@@ -1726,6 +1726,24 @@ mod tests {
         assert_eq!(p.psql("select current_user").unwrap(), "postgres");
     }
 
+    /// Ports handed out are bindable, never repeat within the process (even across
+    /// threads), and stay out of the kernel's ephemeral range when there is room below it.
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let handles: Vec<_> = (0..4)
+            .map(|_| thread::spawn(|| (0..50).map(|_| free_port().expect("free port")).collect::<Vec<u16>>()))
+            .collect();
+        let ports: Vec<u16> = handles.into_iter().flat_map(|h| h.join().expect("thread")).collect();
+        let distinct: HashSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
+        if let Some((low, high)) = non_ephemeral_ports() {
+            assert!(ports.iter().all(|p| (low..=high).contains(p)), "{ports:?} not all in {low}-{high}");
+        }
+        for port in ports.iter().take(20) {
+            TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, *port)).expect("handed-out port binds");
+        }
+    }
+
     #[test]
     fn many_clusters_in_parallel() {
         let handles: Vec<_> = (0..4)
