@@ -36,9 +36,8 @@ pub struct App {
     pub metrics: Metrics,
     /// Cancelled when the proxy shuts down (through [`App::begin_shutdown`]).
     pub shutdown: CancellationToken,
-    /// Set just before `shutdown` is cancelled: a flag the relay can read for the price of a
-    /// load (see [`crate::relay`]).
-    stopping: std::sync::atomic::AtomicBool,
+    /// What relays read on every wake-up, as plain loads (see [`crate::relay`]).
+    signals: RelaySignals,
     /// Events for the failover manager (health reports, operator commands).
     pub events: mpsc::Sender<crate::failover::Event>,
     /// The watchdog peer of this proxy, when `watchdog` is configured.
@@ -47,6 +46,18 @@ pub struct App {
     suspects: Vec<Arc<Notify>>,
     clients: AtomicUsize,
     next_client_id: AtomicU64,
+}
+
+/// The flags relays poll, kept side by side so that they share one cache line, which
+/// stays in every core's cache because it is written only on shutdown and failover.
+#[derive(Debug, Default)]
+struct RelaySignals {
+    /// Set just before `shutdown` is cancelled: read for the price of a load instead of a
+    /// walk through the token's waiter list.
+    stopping: std::sync::atomic::AtomicBool,
+    /// The epoch of the cluster view last published, equal to `cluster.load().epoch` without
+    /// the cost of an `ArcSwap` load.
+    epoch: AtomicU64,
 }
 
 /// Why a reload was refused.
@@ -89,7 +100,7 @@ impl App {
             cancels: Arc::new(CancelRegistry::default()),
             metrics: Metrics::new(),
             shutdown: CancellationToken::new(),
-            stopping: std::sync::atomic::AtomicBool::new(false),
+            signals: RelaySignals::default(),
             events,
             watchdog,
             suspects,
@@ -101,13 +112,18 @@ impl App {
 
     /// Starts shutting the proxy down: every task watching [`App::shutdown`] winds down.
     pub fn begin_shutdown(&self) {
-        self.stopping.store(true, Ordering::Release);
+        self.signals.stopping.store(true, Ordering::Release);
         self.shutdown.cancel();
     }
 
     /// Whether [`App::begin_shutdown`] was called.
     pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
+        self.signals.stopping.load(Ordering::Acquire)
+    }
+
+    /// The epoch of the current cluster view (see [`ClusterState::epoch`]); one atomic load.
+    pub fn epoch(&self) -> u64 {
+        self.signals.epoch.load(Ordering::Acquire)
     }
 
     /// Reports that a data connection to `node` failed, so its health is checked now rather
@@ -133,6 +149,7 @@ impl App {
         let epoch = state.epoch;
         self.metrics.set_cluster(&state);
         self.cluster.store(Arc::new(state));
+        self.signals.epoch.store(epoch, Ordering::Release);
         self.cluster_changed.send_replace(epoch);
     }
 

@@ -117,13 +117,17 @@ pub struct ConnectSpec {
 
 /// A logged-in backend connection.
 ///
-/// `repr(C)` with the socket first: the relay reads the socket on every wake-up and keeps the
-/// connection at a cache-line boundary, so the socket shares a line with nothing cold.
+/// `repr(C)` with the socket first, then the epoch: the relay reads the socket on every
+/// wake-up and the epoch at every transaction boundary, and keeps the connection at a
+/// cache-line boundary, so those two share a line with nothing cold.
 #[derive(Debug)]
 #[repr(C)]
 pub struct BackendConn {
     /// The socket.
     pub stream: TcpStream,
+    /// Cluster epoch (primary assignment) it was opened under; next to the socket because the
+    /// relay compares it with the current epoch at every transaction boundary.
+    pub epoch: u64,
     /// Index of the node it is connected to.
     pub node: usize,
     /// `host:port`, for logs.
@@ -140,8 +144,6 @@ pub struct BackendConn {
     pub created: Instant,
     /// When it was last released to the pool.
     pub released: Instant,
-    /// Cluster epoch (primary assignment) it was opened under.
-    pub epoch: u64,
     buf: BytesMut,
 }
 

@@ -542,7 +542,7 @@ struct LineStart;
 /// below is the layout; a unit test checks the offsets).
 #[repr(C, align(64))]
 struct RelayState {
-    // First line: protocol state, pending writes and flags.
+    // First line: protocol state, pending writes, flags and the idle timer.
     tracker: Tracker,
     /// Backend bytes scanned but not yet taken by the client.
     to_client: Option<Pending>,
@@ -555,6 +555,9 @@ struct RelayState {
     draining: bool,
     /// The shutdown future has registered this task's waker.
     registered: bool,
+    /// The idle timer, when `client_idle_timeout` is set: read on every wake-up, so its
+    /// absence costs no other line.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
     // Second line: the buffers.
     _line1: LineStart,
     cbuf: BytesMut,
@@ -567,10 +570,8 @@ struct RelayState {
     conn: BackendConn,
     // Touched on rarer paths.
     session: SessionState,
-    changes: tokio::sync::watch::Receiver<u64>,
-    /// The idle timeout and its timer, when one is configured; boxed because it is large and
-    /// rarely fires.
-    idle: Option<(std::time::Duration, Pin<Box<tokio::time::Sleep>>)>,
+    /// `client_idle_timeout`, read only when `idle` is set.
+    idle_timeout: std::time::Duration,
     /// Created once and polled once, to register with the shared token: polling it costs a
     /// walk through its waiter list, so afterwards only the flag that
     /// [`App::begin_shutdown`] sets before cancelling is read.
@@ -583,7 +584,7 @@ impl Relay {
         let max_len = config.pool.max_message_size;
         let idle_timeout = config.pool.client_idle_timeout;
         drop(config);
-        let idle = (!idle_timeout.is_zero()).then(|| (idle_timeout, Box::pin(tokio::time::sleep(idle_timeout))));
+        let idle = (!idle_timeout.is_zero()).then(|| Box::pin(tokio::time::sleep(idle_timeout)));
         let RelayParts { client, conn, session, mut cbuf, tracker } = parts;
         // The first request was read into a small buffer; at READ_CHUNK, `consume` takes its
         // cheap path.
@@ -606,8 +607,8 @@ impl Relay {
                 to_backend: None,
                 conn,
                 session,
-                changes: app.cluster_changed.subscribe(),
                 idle,
+                idle_timeout,
                 cancelled: Box::pin(app.shutdown.clone().cancelled_owned()),
                 app,
             })),
@@ -682,7 +683,7 @@ impl RelayState {
             }
         }
         if self.tracker.is_idle() {
-            if let Some((_, sleep)) = &mut self.idle {
+            if let Some(sleep) = &mut self.idle {
                 if sleep.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Ok(Some(RelayEnd::IdleTimeout)));
                 }
@@ -704,8 +705,8 @@ impl RelayState {
     }
 
     fn touch_idle_timer(&mut self) {
-        if let Some((timeout, sleep)) = &mut self.idle {
-            sleep.as_mut().reset(tokio::time::Instant::now() + *timeout);
+        if let Some(sleep) = &mut self.idle {
+            sleep.as_mut().reset(tokio::time::Instant::now() + self.idle_timeout);
         }
     }
 
@@ -715,13 +716,12 @@ impl RelayState {
         if n == 0 {
             return Poll::Ready(Ok(Some(RelayEnd::ClientGone)));
         }
-        // Checked only between transactions, and only as an atomic load unless the cluster
-        // view changed: a session keeps its backend until it is idle, then follows the
-        // primary (this is what makes a switchover lose no session).
+        // Checked only between transactions, as one atomic load: a session keeps its backend
+        // until it is idle, then follows the primary (this is what makes a switchover lose
+        // no session).
         if self.tracker.is_idle()
             && self.tracker.client.at_boundary()
-            && self.changes.has_changed().unwrap_or(false)
-            && *self.changes.borrow_and_update() != self.conn.epoch
+            && self.app.epoch() != self.conn.epoch
             && self.cbuf.first() != Some(&frontend_tag::TERMINATE)
         {
             return Poll::Ready(Ok(Some(RelayEnd::Rerouted)));
@@ -845,11 +845,13 @@ mod tests {
     fn hot_fields_fill_the_first_cache_lines() {
         use std::mem::{align_of, offset_of, size_of};
         assert_eq!(align_of::<RelayState>(), 64);
-        assert_eq!(offset_of!(RelayState, cbuf), 64, "first line: tracker, pending output, flags");
+        assert_eq!(offset_of!(RelayState, cbuf), 64, "first line: tracker, pending output, flags, idle timer");
+        assert!(offset_of!(RelayState, idle) + size_of::<Option<Pin<Box<tokio::time::Sleep>>>>() <= 64);
         assert_eq!(offset_of!(RelayState, client), 128, "second line: the two buffers");
         assert!(offset_of!(RelayState, stats) + size_of::<LocalStats>() <= 192, "third line: client socket, counters");
         assert_eq!(offset_of!(RelayState, conn), 192, "fourth line: the backend socket");
         assert_eq!(offset_of!(BackendConn, stream), 0);
+        assert!(offset_of!(BackendConn, epoch) + size_of::<u64>() <= 64, "the epoch shares the socket's line");
     }
 
     /// A waker that counts its wake-ups.
