@@ -4,10 +4,11 @@
 #
 # Starts pglifeguard (or, with TARGET=pgbouncer, PgBouncer in session mode with the same pool
 # size) under valgrind's callgrind in front of the shared bench cluster's primary, warms its
-# pool with a short pgbench run, zeroes the counters, runs a fixed number of select-only
-# transactions and prints the instructions per transaction and the functions that execute
-# most of them. Instruction counts are steady from run to run where CPU time is not, so this
-# is the tool for comparing two versions of the hot path.
+# pool with a short pgbench run, zeroes the counters, runs a fixed number of pgbench
+# transactions (select-only, or tpcb-like with WORKLOAD=tpcb) and prints the instructions per
+# transaction and the functions that execute most of them. Instruction counts are steady
+# from run to run where CPU time is not, so this is the tool for comparing two versions of
+# the hot path.
 #
 # CACHE_SIM=1 adds valgrind's cache simulation (this machine's cache sizes) and prints L1
 # data-cache read and write misses per transaction. With many sessions, whether every
@@ -24,7 +25,7 @@
 # Usage: benches/callgrind.sh
 #
 # Environment (defaults):
-#   MODE=prepared  CLIENTS=8  TXNS=8000 (total, split over the clients)
+#   WORKLOAD=select (select | tpcb)  MODE=prepared  CLIENTS=8  TXNS=8000 (total, split over the clients)
 #   TARGET=pglifeguard (pglifeguard | pgbouncer)   CACHE_SIM=0   D1= (valgrind's --D1)
 #   PORT=6450 (pglifeguard's metrics listener takes PORT+100)
 #   PGLIFEGUARD_BIN=<repo>/target/release/pglifeguard   OUT=/tmp/pglifeguard-callgrind
@@ -32,13 +33,18 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-MODE=${MODE:-prepared} CLIENTS=${CLIENTS:-8} TXNS=${TXNS:-8000} PORT=${PORT:-6450}
+WORKLOAD=${WORKLOAD:-select} MODE=${MODE:-prepared} CLIENTS=${CLIENTS:-8} TXNS=${TXNS:-8000} PORT=${PORT:-6450}
 TARGET=${TARGET:-pglifeguard} CACHE_SIM=${CACHE_SIM:-0}
 PGLIFEGUARD_BIN=${PGLIFEGUARD_BIN:-$REPO/target/release/pglifeguard}
 OUT=${OUT:-/tmp/pglifeguard-callgrind}
 PRIMARY_PORT=${PRIMARY_PORT:-55432} PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 source "$REPO/benches/lib.sh"
 
+case "$WORKLOAD" in
+select) SCRIPT=-S ;;
+tpcb) SCRIPT="-b tpcb-like" ;;
+*) say "WORKLOAD must be select or tpcb"; exit 2 ;;
+esac
 command -v valgrind >/dev/null || { say "valgrind not installed"; exit 2; }
 rm -rf "$OUT"; mkdir -p "$OUT"
 VALGRIND="valgrind --tool=callgrind --callgrind-out-file=$OUT/callgrind.out"
@@ -91,7 +97,7 @@ pgbouncer)
 *) say "TARGET must be pglifeguard or pgbouncer"; exit 2 ;;
 esac
 per_client=$(( TXNS / CLIENTS )) total=$(( TXNS / CLIENTS * CLIENTS ))
-pgbench() { "$PGBIN/pgbench" -n -S -M "$MODE" -c "$CLIENTS" -j $(( CLIENTS < 2 ? 1 : 2 )) -t "$1" \
+pgbench() { "$PGBIN/pgbench" -n $SCRIPT -M "$MODE" -c "$CLIENTS" -j $(( CLIENTS < 2 ? 1 : 2 )) -t "$1" \
   -h 127.0.0.1 -p "$PORT" -U postgres bench >/dev/null; }
 pgbench $(( per_client / 4 + 1 ))          # warm the pool and the caches
 $CONTROL -z "$TARGET_PID" >/dev/null 2>&1  # count only what follows
@@ -101,7 +107,7 @@ stop_pglifeguard; stop_pgbouncer; trap - EXIT
 dump=$(ls "$OUT"/callgrind.out.* | head -n 1)
 totals=$(callgrind_annotate "$dump" | awk '/PROGRAM TOTALS/ { gsub(",", ""); print $1, $9, $11 }')
 read -r instructions d1_read d1_write <<<"$totals"
-echo "$TARGET_NAME: $(( instructions / total )) user-space instructions per transaction (-M $MODE, $CLIENTS clients, $total transactions)"
+echo "$TARGET_NAME: $(( instructions / total )) user-space instructions per transaction ($WORKLOAD, -M $MODE, $CLIENTS clients, $total transactions)"
 if [ "$CACHE_SIM" = 1 ]; then
   awk -v r="$d1_read" -v w="$d1_write" -v n="$total" \
     'BEGIN { printf "simulated L1 data-cache misses per transaction: %.1f reads, %.1f writes\n", r / n, w / n }'

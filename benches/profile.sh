@@ -4,8 +4,9 @@
 # Runs the same fixed number of pgbench transactions through each proxy, one after the other,
 # under `perf stat` (CPU time, context switches, migrations: low overhead) and, with
 # RECORD=1, under `perf record -g` (cpu-clock samples), then prints per proxy: CPU µs per
-# transaction, switches per transaction, and with RECORD=1 the split between kernel and user
-# samples and the samples under sendto, recvfrom and epoll_wait.
+# transaction, switches per transaction, send/recv/epoll_wait/epoll_ctl calls per transaction,
+# and with RECORD=1 the split between kernel and user samples and the samples under sendto,
+# recvfrom and epoll_wait.
 #
 # Needs the shared cluster up (`$SHARED_BENCH/cluster.sh up`), perf, PgBouncer; run as root.
 # Usage: benches/profile.sh
@@ -36,6 +37,13 @@ command -v perf >/dev/null || { say "perf not installed"; exit 2; }
 [ "$("$PGBIN/psql" -X -A -t -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres -d bench -c 'select 1' 2>/dev/null)" = 1 ] ||
   { say "the shared cluster is not up ($SHARED_BENCH/cluster.sh up)"; exit 2; }
 case "$WORKLOAD" in select) wflag=-S ;; tpcb) wflag= ;; *) say "WORKLOAD must be select or tpcb"; exit 2 ;; esac
+# System calls per transaction, from the syscall tracepoints when the kernel has them: both
+# proxies read with recv (recvfrom), write with send (sendto) and wait in epoll_wait.
+SYSCALL_EVENTS=""
+tracepoints=$(perf list tracepoint 2>/dev/null || true)
+for call in sendto recvfrom epoll_wait epoll_ctl; do
+  if grep -q "syscalls:sys_enter_$call " <<<"$tracepoints"; then SYSCALL_EVENTS="$SYSCALL_EVENTS,syscalls:sys_enter_$call"; fi
+done
 
 mkdir -p "$OUT"
 LG_PID=""
@@ -55,24 +63,27 @@ run_pgbench() { # $1 = port
 # Warm both pools so no backend is opened inside a measurement.
 run_pgbench $LG_PORT >/dev/null; run_pgbench $PB_PORT >/dev/null
 
-printf '%-12s %5s %8s %10s %9s %9s' proxy run tps cpu_us/txn cs/txn mig/txn
+printf '%-12s %5s %8s %10s %9s %9s %19s' proxy run tps cpu_us/txn cs/txn mig/txn send/recv/wait/ctl
 [ "$RECORD" = 1 ] && printf ' %8s %8s %8s %8s %8s' kernel user sendto recvfrom epoll
 echo
 for r in $(seq "$REPEAT"); do
   for target in pglifeguard pgbouncer; do
     if [ $target = pglifeguard ]; then port=$LG_PORT pid=$LG_PID; else port=$PB_PORT pid=$PB_PID; fi
     stat=$OUT/$target.$r.stat data=$OUT/$target.$r.data
-    perf stat -e task-clock,context-switches,cpu-migrations -p "$pid" -o "$stat" & sp=$!
+    perf stat -e task-clock,context-switches,cpu-migrations$SYSCALL_EVENTS -p "$pid" -o "$stat" & sp=$!
     rp=""
     if [ "$RECORD" = 1 ]; then perf record -q -e cpu-clock -F 10000 -g -p "$pid" -o "$data" >/dev/null 2>&1 & rp=$!; fi
     sleep 0.3
     tps=$(run_pgbench "$port")
     kill -INT $sp; wait $sp 2>/dev/null || true
     [ -n "$rp" ] && { kill -INT $rp; wait $rp 2>/dev/null || true; }
-    read -r cpu cs mig < <(awk -v n="$total" '
-      /task-clock/ {gsub(",","",$1); c=$1*1000/n} /context-switches/ {gsub(",","",$1); s=$1/n}
-      /cpu-migrations/ {gsub(",","",$1); m=$1/n} END {printf "%.2f %.3f %.4f\n", c, s, m}' "$stat")
-    printf '%-12s %5s %8.0f %10s %9s %9s' $target "$r" "$tps" "$cpu" "$cs" "$mig"
+    read -r cpu cs mig calls < <(awk -v n="$total" '
+      { gsub(",", "", $1) }
+      /task-clock/ {c=$1*1000/n} /context-switches/ {s=$1/n} /cpu-migrations/ {m=$1/n}
+      /sys_enter_sendto/ {sd=$1/n} /sys_enter_recvfrom/ {rv=$1/n}
+      /sys_enter_epoll_wait/ {ew=$1/n} /sys_enter_epoll_ctl/ {ec=$1/n}
+      END {printf "%.2f %.3f %.4f %.2f/%.2f/%.2f/%.2f\n", c, s, m, sd, rv, ew, ec}' "$stat")
+    printf '%-12s %5s %8.0f %10s %9s %9s %19s' $target "$r" "$tps" "$cpu" "$cs" "$mig" "$calls"
     if [ "$RECORD" = 1 ]; then
       split=$(perf report -i "$data" --stdio --no-children --sort dso -g none -F sample,dso 2>/dev/null |
         awk '!/^#/ && NF { if ($2 == "[kernel.kallsyms]") k += $1; else u += $1 } END { print k + 0, u + 0 }')
