@@ -5,7 +5,7 @@
 # under `perf stat` (CPU time, context switches, migrations: low overhead) and, with
 # RECORD=1, under `perf record -g` (cpu-clock samples), then prints per proxy: CPU µs per
 # transaction, switches per transaction, send/recv/epoll_wait/epoll_ctl calls per transaction,
-# and with RECORD=1 the split between kernel and user samples and the samples under sendto,
+# TCP segments per transaction, and with RECORD=1 the split between kernel and user samples and the samples under sendto,
 # recvfrom and epoll_wait.
 #
 # Needs the shared cluster up (`$SHARED_BENCH/cluster.sh up`), perf, PgBouncer; run as root.
@@ -39,6 +39,9 @@ command -v perf >/dev/null || { say "perf not installed"; exit 2; }
 case "$WORKLOAD" in select) wflag=-S ;; tpcb) wflag= ;; *) say "WORKLOAD must be select or tpcb"; exit 2 ;; esac
 # System calls per transaction, from the syscall tracepoints when the kernel has them: both
 # proxies read with recv (recvfrom), write with send (sendto) and wait in epoll_wait.
+# TCP segments sent per transaction in this network namespace (pgbench, proxy and servers;
+# health checks add a few), from nstat's counters.
+have_nstat() { command -v nstat >/dev/null; }
 SYSCALL_EVENTS=""
 tracepoints=$(perf list tracepoint 2>/dev/null || true)
 for call in sendto recvfrom epoll_wait epoll_ctl; do
@@ -63,7 +66,7 @@ run_pgbench() { # $1 = port
 # Warm both pools so no backend is opened inside a measurement.
 run_pgbench $LG_PORT >/dev/null; run_pgbench $PB_PORT >/dev/null
 
-printf '%-12s %5s %8s %10s %9s %9s %19s' proxy run tps cpu_us/txn cs/txn mig/txn send/recv/wait/ctl
+printf '%-12s %5s %8s %10s %9s %9s %19s %9s' proxy run tps cpu_us/txn cs/txn mig/txn send/recv/wait/ctl segs/txn
 [ "$RECORD" = 1 ] && printf ' %8s %8s %8s %8s %8s' kernel user sendto recvfrom epoll
 echo
 for r in $(seq "$REPEAT"); do
@@ -74,7 +77,10 @@ for r in $(seq "$REPEAT"); do
     rp=""
     if [ "$RECORD" = 1 ]; then perf record -q -e cpu-clock -F 10000 -g -p "$pid" -o "$data" >/dev/null 2>&1 & rp=$!; fi
     sleep 0.3
+    if have_nstat; then nstat -n; fi
     tps=$(run_pgbench "$port")
+    segs=""
+    if have_nstat; then segs=$(nstat 2>/dev/null | awk -v n="$total" '$1 == "TcpOutSegs" {printf "%.2f", $2 / n}'); fi
     kill -INT $sp; wait $sp 2>/dev/null || true
     [ -n "$rp" ] && { kill -INT $rp; wait $rp 2>/dev/null || true; }
     read -r cpu cs mig calls < <(awk -v n="$total" '
@@ -83,7 +89,7 @@ for r in $(seq "$REPEAT"); do
       /sys_enter_sendto/ {sd=$1/n} /sys_enter_recvfrom/ {rv=$1/n}
       /sys_enter_epoll_wait/ {ew=$1/n} /sys_enter_epoll_ctl/ {ec=$1/n}
       END {printf "%.2f %.3f %.4f %.2f/%.2f/%.2f/%.2f\n", c, s, m, sd, rv, ew, ec}' "$stat")
-    printf '%-12s %5s %8.0f %10s %9s %9s %19s' $target "$r" "$tps" "$cpu" "$cs" "$mig" "$calls"
+    printf '%-12s %5s %8.0f %10s %9s %9s %19s %9s' $target "$r" "$tps" "$cpu" "$cs" "$mig" "$calls" "${segs:--}"
     if [ "$RECORD" = 1 ]; then
       split=$(perf report -i "$data" --stdio --no-children --sort dso -g none -F sample,dso 2>/dev/null |
         awk '!/^#/ && NF { if ($2 == "[kernel.kallsyms]") k += $1; else u += $1 } END { print k + 0, u + 0 }')
