@@ -5,8 +5,8 @@
 # under `perf stat` (CPU time, context switches, migrations: low overhead) and, with
 # RECORD=1, under `perf record -g` (cpu-clock samples), then prints per proxy: CPU µs per
 # transaction, switches per transaction, send/recv/epoll_wait/epoll_ctl calls per transaction,
-# TCP segments per transaction, and with RECORD=1 the split between kernel and user samples and the samples under sendto,
-# recvfrom and epoll_wait.
+# TCP segments per transaction, and with RECORD=1 the split between kernel and user samples
+# and the samples under sendto, recvfrom and epoll_wait.
 #
 # Needs the shared cluster up (`$SHARED_BENCH/cluster.sh up`), perf, PgBouncer; run as root.
 # Usage: benches/profile.sh
@@ -37,11 +37,11 @@ command -v perf >/dev/null || { say "perf not installed"; exit 2; }
 [ "$("$PGBIN/psql" -X -A -t -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres -d bench -c 'select 1' 2>/dev/null)" = 1 ] ||
   { say "the shared cluster is not up ($SHARED_BENCH/cluster.sh up)"; exit 2; }
 case "$WORKLOAD" in select) wflag=-S ;; tpcb) wflag= ;; *) say "WORKLOAD must be select or tpcb"; exit 2 ;; esac
-# System calls per transaction, from the syscall tracepoints when the kernel has them: both
-# proxies read with recv (recvfrom), write with send (sendto) and wait in epoll_wait.
 # TCP segments sent per transaction in this network namespace (pgbench, proxy and servers;
 # health checks add a few), from nstat's counters.
 have_nstat() { command -v nstat >/dev/null; }
+# System calls per transaction, from the syscall tracepoints when the kernel has them: both
+# proxies read with recv (recvfrom), write with send (sendto) and wait in epoll_wait.
 SYSCALL_EVENTS=""
 tracepoints=$(perf list tracepoint 2>/dev/null || true)
 for call in sendto recvfrom epoll_wait epoll_ctl; do
