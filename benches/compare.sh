@@ -8,7 +8,12 @@
 # Usage: benches/compare.sh
 #
 # Environment (defaults):
-#   TARGETS="direct pglifeguard pgbouncer pgpool"   which targets, in this order
+#   TARGETS="direct pglifeguard pgbouncer pgpool"   which targets, in this order; two more serve
+#                                    as controls: pglifeguard-b (a second pglifeguard, of
+#                                    PGLIFEGUARD_BIN_B) and pgbouncer-b (a second PgBouncer with the
+#                                    same settings). A target against its own second copy shows
+#                                    how far two identical proxies differ in this run: the noise
+#                                    any comparison of two proxies has to be read against
 #   OUT=/tmp/pglifeguard-bench       results go to $OUT/<timestamp>/; $OUT/latest points at the last run
 #   SHARED_BENCH=<repo>/../shared/bench
 #   BL=/tmp/bl                       where the shared scripts keep the cluster, PgBouncer and pgpool
@@ -29,6 +34,8 @@
 #   PGLIFEGUARD_BIN=<repo>/target/release/pglifeguard   built with `cargo build --release` if missing
 #   PGLIFEGUARD_PORT=6433  PGLIFEGUARD_METRICS_PORT=9187  PGLIFEGUARD_POOL_SIZE=40
 #   PGLIFEGUARD_WORKERS=1            worker_threads (1 = single-threaded, 0 = one per core)
+#   PGLIFEGUARD_BIN_B=$PGLIFEGUARD_BIN  PGLIFEGUARD_B_PORT=6434  PGLIFEGUARD_B_METRICS_PORT=9188
+#   PGBOUNCER_B_PORT=6435            the second PgBouncer (target pgbouncer-b)
 #   POOL_SIZE=$PGLIFEGUARD_POOL_SIZE PgBouncer default_pool_size (pgbouncer.sh reads it)
 #   HC_TIMEOUT=10 HC_RETRIES=3       pgpool-II health check for the run (pgpool.sh defaults 2 / 0 let a
 #                                    CPU-saturated box fail over a healthy primary mid-benchmark)
@@ -53,6 +60,10 @@ PGLIFEGUARD_PORT=${PGLIFEGUARD_PORT:-6433}
 PGLIFEGUARD_METRICS_PORT=${PGLIFEGUARD_METRICS_PORT:-9187}
 PGLIFEGUARD_POOL_SIZE=${PGLIFEGUARD_POOL_SIZE:-40}
 PGLIFEGUARD_WORKERS=${PGLIFEGUARD_WORKERS:-1}
+PGLIFEGUARD_BIN_B=${PGLIFEGUARD_BIN_B:-$PGLIFEGUARD_BIN}
+PGLIFEGUARD_B_PORT=${PGLIFEGUARD_B_PORT:-6434}
+PGLIFEGUARD_B_METRICS_PORT=${PGLIFEGUARD_B_METRICS_PORT:-9188}
+PGBOUNCER_B_PORT=${PGBOUNCER_B_PORT:-6435}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 export BL=${BL:-/tmp/bl}
 export CLIENTS=${CLIENTS:-"1 8 32"} DURATION=${DURATION:-15} REPEAT=${REPEAT:-1}
@@ -78,10 +89,10 @@ done
 case "$ORDER" in cell|target) ;; *) die "ORDER must be cell or target, not '$ORDER'" ;; esac
 for t in $TARGETS; do
   case "$t" in
-    direct|pglifeguard) ;;
-    pgbouncer) command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || die "pgbouncer not installed (apt-get install -y pgbouncer)" ;;
+    direct|pglifeguard|pglifeguard-b) ;;
+    pgbouncer|pgbouncer-b) command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || die "pgbouncer not installed (apt-get install -y pgbouncer)" ;;
     pgpool) [ -x /usr/sbin/pgpool ] || die "pgpool-II not installed (apt-get install -y pgpool2)" ;;
-    *) die "unknown target '$t' (known: direct pglifeguard pgbouncer pgpool)" ;;
+    *) die "unknown target '$t' (known: direct pglifeguard pgbouncer pgpool pglifeguard-b pgbouncer-b)" ;;
   esac
 done
 case " $TARGETS " in
@@ -91,6 +102,9 @@ case " $TARGETS " in
       (cd "$REPO" && cargo build --release) || die "cargo build --release failed"
     fi
     [ -x "$PGLIFEGUARD_BIN" ] || die "$PGLIFEGUARD_BIN not found" ;;
+esac
+case " $TARGETS " in
+  *" pglifeguard-b "*) [ -x "$PGLIFEGUARD_BIN_B" ] || die "$PGLIFEGUARD_BIN_B not found (PGLIFEGUARD_BIN_B)" ;;
 esac
 
 RUN_DIR=$OUT/$(date '+%Y%m%d-%H%M%S')
@@ -105,13 +119,21 @@ case " $TARGETS " in
     cp "$PGLIFEGUARD_BIN" "$RUN_DIR/pglifeguard"
     PGLIFEGUARD_BIN=$RUN_DIR/pglifeguard ;;
 esac
+case " $TARGETS " in
+  *" pglifeguard-b "*)
+    mkdir -p "$RUN_DIR/b"
+    cp "$PGLIFEGUARD_BIN_B" "$RUN_DIR/b/pglifeguard"
+    PGLIFEGUARD_BIN_B=$RUN_DIR/b/pglifeguard ;;
+esac
 
 # ---- state owned by this script, torn down on exit ----
-LG_PID=""
+LG_PID="" LG_B_PID="" PB_B_PID=""
 STARTED_CLUSTER=0
 cleanup() {
   local rc=$?
   stop_pglifeguard
+  stop_pglifeguard_b
+  stop_pgbouncer_b
   case " $TARGETS " in *" pgbouncer "*) "$SHARED_BENCH/pgbouncer.sh" down || true ;; esac
   case " $TARGETS " in *" pgpool "*) "$SHARED_BENCH/pgpool.sh" down || true ;; esac
   if [ "$CLUSTER_DOWN" = 1 ] || { [ "$CLUSTER_DOWN" = auto ] && [ "$STARTED_CLUSTER" = 1 ]; }; then
@@ -130,7 +152,59 @@ if ! { [ -f "$primary_pid_file" ] && kill -0 "$(head -1 "$primary_pid_file")" 2>
 fi
 "$SHARED_BENCH/cluster.sh" up || die "cluster.sh up failed"
 
-# ---- pglifeguard ----
+# ---- the control targets: second copies of pglifeguard and PgBouncer ----
+
+# Starts the second pglifeguard (its config and log in $RUN_DIR/b); sets LG_B_PID.
+start_pglifeguard_b() {
+  local first=$LG_PID rc=0
+  LG_PID=""
+  PGLIFEGUARD_BIN=$PGLIFEGUARD_BIN_B PGLIFEGUARD_PORT=$PGLIFEGUARD_B_PORT \
+    PGLIFEGUARD_METRICS_PORT=$PGLIFEGUARD_B_METRICS_PORT start_pglifeguard "$RUN_DIR/b" || rc=$?
+  LG_B_PID=$LG_PID LG_PID=$first
+  return "$rc"
+}
+stop_pglifeguard_b() {
+  local first=$LG_PID
+  LG_PID=$LG_B_PID; stop_pglifeguard; LG_B_PID="" LG_PID=$first
+}
+
+# Starts a second PgBouncer, configured as pgbouncer.sh configures the first (its config,
+# with another port and its own files in $RUN_DIR/pgbouncer-b); sets PB_B_PID.
+start_pgbouncer_b() {
+  local d=$RUN_DIR/pgbouncer-b shared=$BL/pgbouncer/pgbouncer.ini i
+  if ! grep -q '^pool_mode = session$' "$shared" 2>/dev/null; then
+    # pgbouncer.sh writes its config when it starts; the first PgBouncer is stopped again
+    # below unless it is a target too.
+    "$SHARED_BENCH/pgbouncer.sh" up session || return 1
+    case " $TARGETS " in *" pgbouncer "*) ;; *) "$SHARED_BENCH/pgbouncer.sh" down ;; esac
+  fi
+  mkdir -p "$d"
+  sed -e "s|^listen_port = .*|listen_port = $PGBOUNCER_B_PORT|" -e "s|^unix_socket_dir = .*|unix_socket_dir = $d|" \
+      -e "s|^auth_file = .*|auth_file = $d/userlist.txt|" -e "s|^logfile = .*|logfile = $d/pgbouncer.log|" \
+      -e "s|^pidfile = .*|pidfile = $d/pgbouncer.pid|" "$shared" > "$d/pgbouncer.ini"
+  cp "$BL/pgbouncer/userlist.txt" "$d/userlist.txt"
+  chown -R postgres:postgres "$d"
+  runuser -u postgres -- bash -c "ulimit -n 20000 && exec /usr/sbin/pgbouncer -d '$d/pgbouncer.ini'" || return 1
+  for i in $(seq 50); do
+    if [ -s "$d/pgbouncer.pid" ] && "$PGBIN/psql" -X -q -h 127.0.0.1 -p "$PGBOUNCER_B_PORT" -U postgres -d pgbouncer \
+         -c 'show version' >/dev/null 2>&1; then
+      PB_B_PID=$(cat "$d/pgbouncer.pid")
+      say "second pgbouncer up on $PGBOUNCER_B_PORT, pid $PB_B_PID"
+      return 0
+    fi
+    sleep 0.1
+  done
+  say "the second pgbouncer did not come up; see $d/pgbouncer.log"
+  return 1
+}
+stop_pgbouncer_b() { # SIGINT (fast shutdown) to the PID from its own pidfile, as pgbouncer.sh does
+  [ -n "$PB_B_PID" ] || return 0
+  local p=$PB_B_PID i; PB_B_PID=""
+  kill -INT "$p" 2>/dev/null || true
+  for i in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  say "second pgbouncer stopped (pid $p)"
+}
+
 
 # ---- run header (report.py prepends baseline-head.md from the report's directory) ----
 git_rev=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -148,6 +222,8 @@ git -C "$REPO" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || git_rev="$git_
   echo "| direct | PostgreSQL 15 primary 127.0.0.1:$PRIMARY_PORT (no proxy) |"
   echo "| pglifeguard | 127.0.0.1:$PGLIFEGUARD_PORT, session pooling, pool_size $PGLIFEGUARD_POOL_SIZE, trust, 3 backends (primary found by health_check), worker_threads $PGLIFEGUARD_WORKERS |"
   echo "| pgbouncer-session | 127.0.0.1:$PGBOUNCER_PORT, pool_mode session, default_pool_size ${POOL_SIZE:-20} (pgbouncer.sh) |"
+  case " $TARGETS " in *" pglifeguard-b "*) echo "| pglifeguard-b | a second pglifeguard as above, on 127.0.0.1:$PGLIFEGUARD_B_PORT |" ;; esac
+  case " $TARGETS " in *" pgbouncer-b "*) echo "| pgbouncer-session-b | a second PgBouncer as above, on 127.0.0.1:$PGBOUNCER_B_PORT |" ;; esac
   echo "| pgpool-lb_off | 127.0.0.1:$PGPOOL_PORT, streaming replication mode, load_balance_mode off, num_init_children ${NUM_INIT_CHILDREN:-64}, max_pool ${MAX_POOL:-4}, health check timeout $HC_TIMEOUT s / $HC_RETRIES retries (pgpool.sh) |"
   echo
   echo "The machine is shared: compare ratios within this run only, not absolute TPS across runs."
@@ -196,6 +272,14 @@ start_target() { # $1 = target word; records its table name, port, PID and label
       start_pglifeguard "$RUN_DIR" || { say "target pglifeguard failed to start"; return 1; }
       T_NAME[$t]=pglifeguard T_PORT[$t]=$PGLIFEGUARD_PORT T_PID[$t]=$LG_PID
       T_LABEL[$t]="session pool_size=$PGLIFEGUARD_POOL_SIZE $git_rev" ;;
+    pglifeguard-b)
+      start_pglifeguard_b || { say "target pglifeguard-b failed to start"; return 1; }
+      T_NAME[$t]=pglifeguard-b T_PORT[$t]=$PGLIFEGUARD_B_PORT T_PID[$t]=$LG_B_PID
+      T_LABEL[$t]="second copy, session pool_size=$PGLIFEGUARD_POOL_SIZE" ;;
+    pgbouncer-b)
+      start_pgbouncer_b || { say "target pgbouncer-b failed to start"; return 1; }
+      T_NAME[$t]=pgbouncer-session-b T_PORT[$t]=$PGBOUNCER_B_PORT T_PID[$t]=$PB_B_PID
+      T_LABEL[$t]="second copy, session default_pool_size=${POOL_SIZE:-20}" ;;
     pgbouncer)
       "$SHARED_BENCH/pgbouncer.sh" up session || { say "pgbouncer.sh up session failed"; return 1; }
       T_NAME[$t]=pgbouncer-session T_PORT[$t]=$PGBOUNCER_PORT T_PID[$t]=$(cat "$BL/pgbouncer/pgbouncer.pid")
@@ -211,7 +295,9 @@ start_target() { # $1 = target word; records its table name, port, PID and label
 stop_target() { # $1 = target word
   case "$1" in
     pglifeguard) stop_pglifeguard ;;
+    pglifeguard-b) stop_pglifeguard_b ;;
     pgbouncer) "$SHARED_BENCH/pgbouncer.sh" down ;;
+    pgbouncer-b) stop_pgbouncer_b ;;
     pgpool) "$SHARED_BENCH/pgpool.sh" down ;;
   esac
 }
@@ -293,10 +379,15 @@ case "$ORDER" in
 esac
 
 python3 "$SHARED_BENCH/report.py" "$RESULTS" "$REPORT" || die "report.py failed"
-if [[ " $TARGETS " == *" pglifeguard "* && " $TARGETS " == *" pgbouncer "* ]]; then
-  { echo; echo "### pglifeguard against PgBouncer, sample by sample"; echo
-    python3 "$REPO/benches/paired.py" "$RESULTS"; } >> "$REPORT" || say "paired.py failed"
-fi
+# Sample by sample: pglifeguard against PgBouncer, and each control against its original.
+paired_section() { # $1, $2 = target words, $3 = heading
+  [[ " $TARGETS " == *" $1 "* && " $TARGETS " == *" $2 "* ]] || return 0
+  { echo; echo "### $3, sample by sample"; echo
+    python3 "$REPO/benches/paired.py" "$RESULTS" "${T_NAME[$1]:-$1}" "${T_NAME[$2]:-$2}"; } >> "$REPORT" || say "paired.py failed"
+}
+paired_section pglifeguard pgbouncer "pglifeguard against PgBouncer"
+paired_section pgbouncer-b pgbouncer "A second PgBouncer against the first (control)"
+paired_section pglifeguard-b pglifeguard "A second pglifeguard against the first (control)"
 say "report: $REPORT"
 cat "$REPORT"
 exit "$failed"

@@ -10,8 +10,8 @@ interval (resampling rounds within each cell): whether one target is ahead overa
 two differ by less than the machine's noise.
 Each row also gets the geometric mean of its own paired ratios with a 95 % bootstrap interval
 (resampling its rounds): a row whose interval lies below 1 (TPS) or above 1 (CPU) is behind
-by more than its own run-to-run spread. Several results files (runs of the same matrix)
-are pooled, each run's samples paired within that run.
+by more than its own run-to-run spread; the last lines count such rows. Several results
+files (runs of the same matrix) are pooled, each run's samples paired within that run.
 Defaults: A = pglifeguard, B = pgbouncer-session. Rows whose status is not ok are skipped.
 """
 import csv
@@ -63,6 +63,14 @@ def main() -> int:
     for name, per_cell in (("TPS", all_tps), ("CPU per transaction", all_cpu)):
         mean, low, high = pooled(per_cell)
         print(f"All cells, {name} {a}/{b}: geometric mean {mean:.3f} (95 % interval {low:.3f}-{high:.3f})")
+    # The question "is A at least B in every row" counted: by each row's geometric mean, and
+    # by its interval (behind by more than the row's own spread).
+    print()
+    for name, per_cell, behind in (("TPS below", all_tps, lambda m, lo, hi: (m < 1, hi < 1)),
+                                   ("CPU per transaction above", all_cpu, lambda m, lo, hi: (m > 1, lo > 1))):
+        flags = [behind(*pooled([c])) for c in per_cell if c]
+        print(f"Rows with {a}'s {name} {b}'s: {sum(f[0] for f in flags)} of {len(flags)} by their mean, "
+              f"{sum(f[1] for f in flags)} beyond their interval")
     return 0
 
 
