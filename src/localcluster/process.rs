@@ -25,6 +25,21 @@ pub(super) fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Reads `pipe` to its end on a helper thread, then sends `(is_stdout, contents)` on `tx`.
+/// Returns how many readers it started (0 for no pipe), for the caller to wait on.
+fn drain<R: Read + Send + 'static>(pipe: Option<R>, is_stdout: bool, tx: &mpsc::Sender<(bool, Vec<u8>)>) -> usize {
+    let Some(mut pipe) = pipe else {
+        return 0;
+    };
+    let tx = tx.clone();
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        let _ = tx.send((is_stdout, buf));
+    });
+    1
+}
+
 /// Runs a command to completion with a time limit and returns its stdout.
 pub(super) fn run(mut cmd: Command, timeout: Duration) -> Result<String> {
     let command = describe(&cmd);
@@ -38,25 +53,7 @@ pub(super) fn run(mut cmd: Command, timeout: Duration) -> Result<String> {
     // Pipes are drained on helper threads so a chatty command cannot block on a full pipe,
     // and so we can stop waiting when the time limit expires.
     let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
-    let mut readers = 0;
-    if let Some(mut out) = child.stdout.take() {
-        let tx = tx.clone();
-        readers += 1;
-        thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = out.read_to_end(&mut buf);
-            let _ = tx.send((true, buf));
-        });
-    }
-    if let Some(mut err) = child.stderr.take() {
-        let tx = tx.clone();
-        readers += 1;
-        thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = err.read_to_end(&mut buf);
-            let _ = tx.send((false, buf));
-        });
-    }
+    let readers = drain(child.stdout.take(), true, &tx) + drain(child.stderr.take(), false, &tx);
     drop(tx);
 
     let deadline = Instant::now() + timeout;
