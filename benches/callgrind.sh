@@ -52,8 +52,7 @@ VALGRIND="valgrind --tool=callgrind --callgrind-out-file=$OUT/callgrind.out"
 LG_PID="" PB_PID=""
 stop_pgbouncer() { # only the PgBouncer this script started, by its PID
   [ -n "$PB_PID" ] || return 0
-  kill -TERM "$PB_PID" 2>/dev/null || true
-  local i; for i in $(seq 100); do kill -0 "$PB_PID" 2>/dev/null || break; sleep 0.1; done
+  signal_and_wait "$PB_PID" TERM || true
   PB_PID=""
 }
 case "$TARGET" in

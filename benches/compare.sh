@@ -199,9 +199,8 @@ start_pgbouncer_b() {
 }
 stop_pgbouncer_b() { # SIGINT (fast shutdown) to the PID from its own pidfile, as pgbouncer.sh does
   [ -n "$PB_B_PID" ] || return 0
-  local p=$PB_B_PID i; PB_B_PID=""
-  kill -INT "$p" 2>/dev/null || true
-  for i in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  local p=$PB_B_PID; PB_B_PID=""
+  signal_and_wait "$p" INT || true
   say "second pgbouncer stopped (pid $p)"
 }
 

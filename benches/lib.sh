@@ -2,14 +2,21 @@
 
 say() { echo "[$(date '+%H:%M:%S')] $*" >&2; }
 
+# Sends signal $2 (INT, TERM...) to process $1 and waits up to 10 s for it to exit; returns 1
+# if it is still running then. Only that PID is signalled.
+signal_and_wait() {
+  local i
+  kill -"$2" "$1" 2>/dev/null || true
+  for i in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+  return 1
+}
+
 # Stops the pglifeguard started by the calling script (PID in $LG_PID): SIGINT, then
 # SIGKILL after 10 s. Only that PID is signalled.
 stop_pglifeguard() {
   [ -n "$LG_PID" ] || return 0
-  local p=$LG_PID i; LG_PID=""
-  kill -INT "$p" 2>/dev/null || true
-  for i in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$p" 2>/dev/null; then
+  local p=$LG_PID; LG_PID=""
+  if ! signal_and_wait "$p" INT; then
     say "pglifeguard pid $p still running 10 s after SIGINT; sending SIGKILL"
     kill -KILL "$p" 2>/dev/null || true
   fi
